@@ -1,0 +1,324 @@
+"""The datastore: (context key, next token) pairs on disk.
+
+A datastore is a directory holding ``keys.npy`` (N x dim, float16 or float32),
+``vals.npy`` (N, int32) and ``meta.json``.  A sharded pass writes one such
+directory per shard, ``shard-000-of-004/`` ..., below the datastore directory;
+:class:`Datastore` presents all shards as one store in corpus order.
+
+Crash safety: a pass writes into a ``.partial`` directory and renames it into
+place after ``meta.json`` is written, so a directory without ``meta.json`` is
+never accepted.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+KEYS_FILE = "keys.npy"
+VALS_FILE = "vals.npy"
+VALS_DTYPE = np.int32
+# Keys and values are streamed behind a fixed-size .npy header that is
+# rewritten with the final shape once the count is known.
+NPY_HEADER_BYTES = 128
+
+
+class DatastoreError(UserError):
+    """A datastore that cannot be used as asked; the message says what to do."""
+
+
+def shard_dirname(shard_id: int, num_shards: int) -> str:
+    return f"shard-{shard_id:03d}-of-{num_shards:03d}"
+
+
+def npy_header(dtype, shape) -> bytes:
+    """A version 1.0 .npy header padded to exactly NPY_HEADER_BYTES."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(int(s) for s in shape),
+    }
+    body = repr(header).encode("latin1")
+    room = NPY_HEADER_BYTES - 10  # magic (8) + header length (2)
+    if len(body) + 1 > room:
+        raise DatastoreError(f"shape {shape} does not fit a .npy header")
+    return (
+        np.lib.format.magic(1, 0)
+        + struct.pack("<H", room)
+        + body.ljust(room - 1)
+        + b"\n"
+    )
+
+
+def file_sha256(path: str, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dictionary_md5(dictionary) -> str:
+    """Identity of a fairseq Dictionary: its symbols in index order."""
+    return hashlib.md5("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DatastoreWriter:
+    """Streams keys and values of one datastore (or shard) to disk.
+
+    Nothing lands at ``final_dir`` until :meth:`commit`; an interrupted writer
+    leaves only ``<final_dir>.partial``, which readers refuse and the next
+    writer replaces.
+    """
+
+    def __init__(self, final_dir: str, dim: int, keys_dtype, overwrite: bool = False):
+        self.final_dir = os.path.abspath(final_dir.rstrip("/"))
+        self.dim = int(dim)
+        self.keys_dtype = np.dtype(keys_dtype)
+        self.overwrite = overwrite
+        check_can_write(self.final_dir, overwrite)
+        self.partial_dir = self.final_dir + ".partial"
+        if os.path.exists(self.partial_dir):
+            shutil.rmtree(self.partial_dir)
+        os.makedirs(self.partial_dir)
+        self.size = 0
+        self._keys = open(os.path.join(self.partial_dir, KEYS_FILE), "wb")
+        self._vals = open(os.path.join(self.partial_dir, VALS_FILE), "wb")
+        self._keys.write(npy_header(self.keys_dtype, (0, self.dim)))
+        self._vals.write(npy_header(VALS_DTYPE, (0,)))
+
+    def append(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        if keys.ndim != 2 or keys.shape[1] != self.dim or len(keys) != len(vals):
+            raise DatastoreError(
+                f"cannot append keys {keys.shape} / vals {vals.shape} to a "
+                f"datastore of dimension {self.dim}"
+            )
+        self._keys.write(np.ascontiguousarray(keys, dtype=self.keys_dtype).tobytes())
+        self._vals.write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        self.size += len(vals)
+
+    def commit(self, meta: Dict) -> str:
+        """Finish the files, write meta.json last, then move into place."""
+        for f, dtype, shape in (
+            (self._keys, self.keys_dtype, (self.size, self.dim)),
+            (self._vals, VALS_DTYPE, (self.size,)),
+        ):
+            f.seek(0)
+            f.write(npy_header(dtype, shape))
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        meta = dict(meta)
+        meta.update(
+            format_version=FORMAT_VERSION,
+            id=uuid.uuid4().hex,
+            size=self.size,
+            dim=self.dim,
+            keys_dtype=self.keys_dtype.name,
+            vals_dtype=np.dtype(VALS_DTYPE).name,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        _write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
+        if os.path.exists(self.final_dir):
+            # Only reached with overwrite=True (checked at construction).
+            old = self.final_dir + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(self.final_dir, old)
+            os.rename(self.partial_dir, self.final_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.partial_dir, self.final_dir)
+        return self.final_dir
+
+    def abort(self) -> None:
+        for f in (self._keys, self._vals):
+            if not f.closed:
+                f.close()
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def check_can_write(final_dir: str, overwrite: bool) -> None:
+    """Refuse, before any work is done, to clobber a store or write where we can't."""
+    final_dir = os.path.abspath(final_dir.rstrip("/"))
+    if os.path.exists(os.path.join(final_dir, META_FILE)) and not overwrite:
+        raise DatastoreError(
+            f"{final_dir} already holds a complete datastore; pass "
+            "--dstore-overwrite to replace it or choose another --dstore"
+        )
+    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
+        raise DatastoreError(f"{final_dir} exists and is not a directory")
+    if (
+        os.path.isdir(final_dir)
+        and os.listdir(final_dir)
+        and not os.path.exists(os.path.join(final_dir, META_FILE))
+        and not overwrite
+    ):
+        raise DatastoreError(
+            f"{final_dir} is not empty and is not a datastore; choose another "
+            "--dstore or pass --dstore-overwrite"
+        )
+    parent = os.path.dirname(final_dir) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise DatastoreError(f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DatastoreError(f"cannot write to {parent}; choose a writable --dstore")
+
+
+class _Shard:
+    def __init__(self, path: str):
+        self.path = path
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.exists(meta_path):
+            raise DatastoreError(
+                f"{path} is not a complete datastore (no {META_FILE}); "
+                "rerun the --save-knnlm-dstore pass"
+            )
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DatastoreError(
+                f"{path} has datastore format {self.meta.get('format_version')}, "
+                f"this version reads {FORMAT_VERSION}; rebuild the datastore"
+            )
+        self.size = int(self.meta["size"])
+        self.dim = int(self.meta["dim"])
+        for name, dtype, shape in (
+            (KEYS_FILE, self.meta["keys_dtype"], (self.size, self.dim)),
+            (VALS_FILE, self.meta["vals_dtype"], (self.size,)),
+        ):
+            file = os.path.join(path, name)
+            expected = NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+            actual = os.path.getsize(file) if os.path.exists(file) else -1
+            if actual != expected:
+                raise DatastoreError(
+                    f"{file} is missing or truncated ({actual} bytes, expected "
+                    f"{expected}); rerun the --save-knnlm-dstore pass"
+                )
+
+    def load(self, name: str, in_memory: bool) -> np.ndarray:
+        arr = np.load(os.path.join(self.path, name), mmap_mode="r")
+        return np.array(arr) if in_memory else arr
+
+
+class RowConcat:
+    """Read-only row view over several arrays, as if concatenated along axis 0."""
+
+    def __init__(self, parts: List[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            out = []
+            for part, offset in zip(self.parts, self.offsets[:-1]):
+                lo, hi = max(start - offset, 0), min(stop - offset, len(part))
+                if lo < hi:
+                    out.append(part[lo:hi])
+            if not out:
+                return np.empty((0,) + self.shape[1:], dtype=self.dtype)
+            return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
+        ids = np.asarray(index)
+        if ids.ndim == 0:
+            return self[int(ids) : int(ids) + 1][0]
+        flat = ids.reshape(-1)
+        out = np.empty((len(flat),) + self.shape[1:], dtype=self.dtype)
+        which = np.searchsorted(self.offsets, flat, side="right") - 1
+        for p, (part, offset) in enumerate(zip(self.parts, self.offsets[:-1])):
+            sel = which == p
+            if sel.any():
+                out[sel] = part[flat[sel] - offset]
+        return out.reshape(ids.shape + self.shape[1:])
+
+
+class Datastore:
+    """A complete datastore, single or sharded, opened read-only.
+
+    ``keys`` and ``vals`` index like (N, dim) and (N,) arrays in corpus order;
+    they are memory-mapped unless ``in_memory``.
+    """
+
+    def __init__(self, path: str, in_memory: bool = False):
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path):
+            raise DatastoreError(
+                f"no datastore at {self.path}; run fairseq-eval-lm with "
+                "--save-knnlm-dstore --dstore DIR first"
+            )
+        self.shards = [_Shard(p) for p in self._shard_paths()]
+        first = self.shards[0].meta
+        for shard in self.shards[1:]:
+            for field in ("dim", "keys_dtype", "keytype", "dictionary_md5", "checkpoint_sha256"):
+                if shard.meta.get(field) != first.get(field):
+                    raise DatastoreError(
+                        f"shards of {self.path} disagree on {field}; "
+                        "rebuild them with the same model and flags"
+                    )
+        self.dim = self.shards[0].dim
+        self.size = sum(s.size for s in self.shards)
+        keys = [s.load(KEYS_FILE, in_memory) for s in self.shards]
+        vals = [s.load(VALS_FILE, in_memory) for s in self.shards]
+        self.keys = keys[0] if len(keys) == 1 else RowConcat(keys)
+        self.vals = vals[0] if len(vals) == 1 else np.concatenate(vals)
+        self.meta = dict(first)
+        self.meta["size"] = self.size
+        self.meta["num_shards"] = len(self.shards)
+
+    def _shard_paths(self) -> List[str]:
+        if os.path.exists(os.path.join(self.path, META_FILE)):
+            return [self.path]
+        names = sorted(
+            n for n in os.listdir(self.path)
+            if n.startswith("shard-") and not n.endswith(".partial")
+        )
+        if not names:
+            raise DatastoreError(
+                f"{self.path} is not a complete datastore (no {META_FILE}); "
+                "rerun the --save-knnlm-dstore pass"
+            )
+        num_shards = int(names[0].rsplit("-of-", 1)[1])
+        expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
+        missing = sorted(set(expected) - set(names))
+        if missing or len(names) != num_shards:
+            raise DatastoreError(
+                f"{self.path} is missing shard(s) {', '.join(missing) or names}; "
+                "run the pass for every --shard-id with the same --num-shards"
+            )
+        return [os.path.join(self.path, n) for n in expected]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this exact store; indexes and neighbour files record it."""
+        ids = ",".join(s.meta["id"] for s in self.shards)
+        return hashlib.sha256(ids.encode()).hexdigest()[:16]
+

@@ -1,0 +1,85 @@
+"""The kNN-LM arithmetic, as pure tensor functions (no model, no index).
+
+All probabilities are natural-log.  ``dists`` are "distances" in the sense of
+the paper: the neighbour weights are softmax(-dists / temperature).  For the
+inner-product similarity the caller passes ``-scores`` (see :func:`ip_dists`).
+"""
+
+import math
+
+import torch
+
+from .errors import UserError
+
+SIM_FUNCS = ("faiss", "l2", "ip")
+
+
+def neighbor_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(-d / T) over the k neighbours (last dim), in float32.
+
+    Neighbours at distance +inf (slots the index could not fill) get weight 0;
+    a row with none at all gets -inf everywhere instead of NaN.
+    """
+    logits = -dists.float() / temperature
+    log_w = torch.log_softmax(logits, dim=-1)
+    return torch.where(torch.isfinite(logits), log_w, torch.full_like(log_w, -math.inf))
+
+
+def knn_target_log_probs(
+    dists: torch.Tensor, neighbor_vals: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log p_kNN(target): log of the summed weights of neighbours whose value is the target.
+
+    dists, neighbor_vals: (n, k); targets: (n,).  -inf where no neighbour matches.
+    """
+    log_w = neighbor_log_weights(dists, temperature)
+    match = neighbor_vals.long() == targets.long().unsqueeze(-1)
+    return torch.logsumexp(log_w.masked_fill(~match, -math.inf), dim=-1)
+
+
+def knn_vocab_log_probs(
+    dists: torch.Tensor, neighbor_vals: torch.Tensor, vocab_size: int, temperature: float
+) -> torch.Tensor:
+    """The full kNN distribution over the vocabulary, (n, vocab_size), natural log."""
+    weights = neighbor_log_weights(dists, temperature).exp()
+    probs = weights.new_zeros(weights.shape[:-1] + (vocab_size,))
+    probs.scatter_add_(-1, neighbor_vals.long(), weights)
+    return probs.log()
+
+
+def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """log(λ p_kNN + (1-λ) p_LM), computed in log space.
+
+    λ = 0 returns the LM scores unchanged and λ = 1 the kNN scores, so no
+    log(0) ever meets a finite term; a p_kNN of 0 gives log((1-λ) p_LM).
+    """
+    if lmbda == 0:
+        return lm_log_probs
+    if lmbda == 1:
+        return knn_log_probs.to(lm_log_probs.dtype)
+    lm_term = lm_log_probs.float() + math.log1p(-lmbda)
+    knn_term = knn_log_probs.float() + math.log(lmbda)
+    return torch.logaddexp(lm_term, knn_term).to(lm_log_probs.dtype)
+
+
+def l2_dists(queries: torch.Tensor, neighbor_keys: torch.Tensor) -> torch.Tensor:
+    """Exact squared L2 distances: queries (n, d), neighbor_keys (n, k, d) -> (n, k)."""
+    diff = neighbor_keys.float() - queries.float().unsqueeze(1)
+    return (diff * diff).sum(-1)
+
+
+def ip_dists(queries: torch.Tensor, neighbor_keys: torch.Tensor) -> torch.Tensor:
+    """Negated inner products, so that softmax(-d) = softmax(q . k)."""
+    return -torch.einsum("nd,nkd->nk", queries.float(), neighbor_keys.float())
+
+
+def check_hyperparameters(k: int, lmbda: float, temperature: float, dstore_size: int = None) -> None:
+    """Raise UserError with a one-line fix for impossible kNN-LM settings."""
+    if not 0.0 <= lmbda <= 1.0:
+        raise UserError(f"--lmbda must lie in [0, 1], got {lmbda}")
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    if dstore_size is not None and k > dstore_size:
+        raise UserError(f"--k {k} exceeds the datastore's {dstore_size} entries; lower --k")
+    if not temperature > 0:
+        raise UserError(f"--knn-temp must be positive, got {temperature}")

@@ -1,0 +1,62 @@
+"""Nearest-neighbour retrieval: queries in, (distances, values) of the k nearest keys out."""
+
+import numpy as np
+
+from .errors import UserError
+import torch
+
+from .datastore import Datastore
+from .knn_math import ip_dists, l2_dists
+
+
+class RetrievalConfigError(UserError):
+    pass
+
+
+class KNNRetriever:
+    """Searches a FAISS index over a datastore and returns kNN-LM distances.
+
+    ``sim_func`` chooses the distances handed to the softmax:
+    ``faiss`` the index's own (squared L2, or negated inner product for IP
+    indexes; no key reads), ``l2`` exact squared L2 recomputed from the stored
+    keys, ``ip`` exact negated inner products from the stored keys.
+    """
+
+    def __init__(self, datastore: Datastore, index, index_meta: dict, k: int, sim_func: str):
+        metric = index_meta.get("metric", "l2")
+        if sim_func in ("l2", "ip") and sim_func != metric:
+            raise RetrievalConfigError(
+                f"--knn-sim-func {sim_func} needs an index built with --metric {sim_func}, "
+                f"but {index_meta.get('path', 'the index')} uses {metric}; rebuild the index "
+                f"or use --knn-sim-func faiss"
+            )
+        self.datastore = datastore
+        self.index = index
+        self.metric = metric
+        self.k = k
+        self.sim_func = sim_func
+
+    def search(self, queries: torch.Tensor):
+        """queries (n, dim) -> dists (n, k) float32, vals (n, k) int64, on queries' device.
+
+        Slots FAISS could not fill (id -1) get distance +inf and value -1, so
+        they carry no weight and match no token.
+        """
+        device = queries.device
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        scores, ids = self.index.search(q, self.k)
+        missing = ids < 0
+        safe_ids = np.where(missing, 0, ids)
+        vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)
+        vals[missing] = -1
+        if self.sim_func == "faiss":
+            dists = torch.from_numpy(scores if self.metric == "l2" else -scores)
+        else:
+            neighbor_keys = torch.from_numpy(
+                np.asarray(self.datastore.keys[safe_ids.reshape(-1)], dtype=np.float32)
+            ).view(ids.shape + (-1,))
+            q_t = torch.from_numpy(q)
+            dist_fn = l2_dists if self.sim_func == "l2" else ip_dists
+            dists = dist_fn(q_t, neighbor_keys)
+        dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
+        return dists.to(device), torch.from_numpy(vals).to(device)

@@ -1,0 +1,312 @@
+"""The ``knnlm_language_modeling`` task: fairseq's language_modeling plus kNN-LM.
+
+Without kNN flags it behaves exactly like ``language_modeling``.  With
+``--save-knnlm-dstore`` or ``--knnlm`` it makes the stock ``fairseq-eval-lm``
+score with :class:`~fairseq_knnlm.scorer.KNNSequenceScorer`.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.data import iterators
+from fairseq.data import LMContextWindowDataset
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+
+from . import knn_math
+from .errors import UserError
+from .datastore import (
+    Datastore,
+    DatastoreError,
+    check_can_write,
+    dictionary_md5,
+    file_sha256,
+    shard_dirname,
+)
+from .keys import KEYTYPES, KeyCapture, check_keytype, key_dim
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KNNLanguageModelingConfig(LanguageModelingConfig):
+    # Datastore pass
+    save_knnlm_dstore: bool = field(
+        default=False,
+        metadata={"help": "write the datastore (context key, next token) of --gen-subset to --dstore"},
+    )
+    dstore: Optional[str] = field(
+        default=None, metadata={"help": "datastore directory (written by --save-knnlm-dstore, read by --knnlm)"}
+    )
+    knn_keytype: ChoiceEnum(KEYTYPES) = field(
+        default="last_ffn_input",
+        metadata={"help": "hidden state used as key: last_ffn_input (paper's best) or last_layer_output"},
+    )
+    dstore_fp16: bool = field(default=False, metadata={"help": "store keys as float16"})
+    dstore_overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing complete datastore at --dstore"}
+    )
+    # kNN-LM evaluation
+    knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with kNN retrieval from --dstore"})
+    knn_index: Optional[str] = field(
+        default=None, metadata={"help": "FAISS index of the datastore (default: DSTORE/knn.index)"}
+    )
+    k: int = field(default=1024, metadata={"help": "number of neighbours retrieved"})
+    lmbda: float = field(default=0.25, metadata={"help": "kNN interpolation weight λ"})
+    probe: int = field(default=32, metadata={"help": "nprobe: IVF lists visited per search"})
+    knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature over -distances"})
+    knn_sim_func: ChoiceEnum(knn_math.SIM_FUNCS) = field(
+        default="faiss",
+        metadata={"help": "faiss: the index's distances; l2: exact squared L2 from stored keys; ip: inner product"},
+    )
+    dstore_in_memory: bool = field(default=False, metadata={"help": "load keys and values into RAM"})
+    knn_gpu: bool = field(default=False, metadata={"help": "search the index on all visible GPUs"})
+    knn_save_neighbors: Optional[str] = field(
+        default=None, metadata={"help": "save every scored token's neighbours here for fairseq-knnlm-sweep"}
+    )
+    knn_save_neighbors_fp16: bool = field(default=False, metadata={"help": "store saved distances as float16"})
+
+
+def _planned_sharding(cfg):
+    """(num_shards, shard_id) as fairseq-eval-lm will pass them to eval_lm_dataloader."""
+    root = _root_config(cfg)
+    if root is None or "dataset" not in root:
+        return 1, 0
+    dist = root.get("distributed_training", {}) or {}
+    num_shards = max(root.dataset.num_shards, dist.get("distributed_world_size", 1) or 1)
+    shard_id = max(root.dataset.shard_id, dist.get("distributed_rank", 0) or 0)
+    return num_shards, shard_id
+
+
+def _root_config(cfg):
+    """The whole fairseq config that ``cfg`` (the task node) belongs to, if any."""
+    get_parent = getattr(cfg, "_get_parent", None)
+    return get_parent() if get_parent is not None else None
+
+
+@register_task("knnlm_language_modeling", dataclass=KNNLanguageModelingConfig)
+class KNNLanguageModelingTask(LanguageModelingTask):
+    """language_modeling with a kNN-LM datastore pass and kNN-LM scoring."""
+
+    def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        super().__init__(args, dictionary, output_dictionary, targets)
+        self.datastore = None
+        self.retriever = None
+        self.first_scored_id = 0
+        self.split = None
+        self.active_scorer = None
+        self._checkpoint_sha256 = None
+        self.context_window, self.num_shards, self.shard_id = 0, 1, 0
+        if args.save_knnlm_dstore or args.knnlm:
+            self._check_flags(args)
+            _install_scorer(self)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_flags(self, args):
+        if args.save_knnlm_dstore and args.knnlm:
+            raise UserError("--save-knnlm-dstore and --knnlm are separate passes; give one")
+        if not args.dstore:
+            raise UserError("--dstore DIR is required with --save-knnlm-dstore and --knnlm")
+        check_keytype(args.knn_keytype)
+        if args.save_knnlm_dstore:
+            self.num_shards, self.shard_id = _planned_sharding(args)
+            if self.num_shards > 1 and os.path.exists(os.path.join(args.dstore, "meta.json")):
+                if not args.dstore_overwrite:
+                    raise DatastoreError(
+                        f"{args.dstore} already holds a complete single-process datastore; "
+                        "pass --dstore-overwrite or choose another --dstore"
+                    )
+            check_can_write(self.dstore_output_dir(), args.dstore_overwrite)
+            return
+        knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp)
+        if args.probe < 1:
+            raise UserError(f"--probe must be at least 1, got {args.probe}")
+        self.datastore = Datastore(args.dstore, in_memory=args.dstore_in_memory)
+        meta = self.datastore.meta
+        knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp, self.datastore.size)
+        if meta.get("keytype") != str(args.knn_keytype):
+            raise DatastoreError(
+                f"datastore {args.dstore} holds {meta.get('keytype')} keys but --knn-keytype is "
+                f"{args.knn_keytype}; pass --knn-keytype {meta.get('keytype')}"
+            )
+        if meta.get("dictionary_md5") != dictionary_md5(self.dictionary):
+            raise DatastoreError(
+                f"datastore {args.dstore} was built with another dictionary "
+                f"({meta.get('dictionary_size')} types) than {args.data} ({len(self.dictionary)} types); "
+                "binarize the data with the model's dict.txt and rebuild the datastore"
+            )
+        from .index import default_index_path, load_index
+        from .retriever import KNNRetriever
+
+        index_path = args.knn_index or default_index_path(args.dstore)
+        index, index_meta = load_index(
+            index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu
+        )
+        self.retriever = KNNRetriever(self.datastore, index, index_meta, args.k, args.knn_sim_func)
+
+    def build_model(self, args, from_checkpoint=False):
+        model = super().build_model(args, from_checkpoint)
+        if self.args.save_knnlm_dstore or self.args.knnlm:
+            KeyCapture(model, self.args.knn_keytype).remove()  # fails early if un-hookable
+            dim = key_dim(model, self.args.knn_keytype)
+            if self.datastore is not None and dim != self.datastore.dim:
+                raise DatastoreError(
+                    f"the model's {self.args.knn_keytype} keys have dimension {dim} but datastore "
+                    f"{self.args.dstore} has {self.datastore.dim}; use the datastore built with this model"
+                )
+        return model
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        self.split = split
+        return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
+    def run_info(self) -> dict:
+        """What the datastore and neighbour files record about the run."""
+        root = _root_config(self.args)
+        path = None
+        if root is not None and "common_eval" in root:
+            path = root.common_eval.path
+        if path and self._checkpoint_sha256 is None:
+            self._checkpoint_sha256 = file_sha256(path)
+        return dict(
+            checkpoint=os.path.abspath(path) if path else None,
+            checkpoint_sha256=self._checkpoint_sha256,
+            data=os.path.abspath(self.args.data),
+            split=self.split,
+            dictionary_size=len(self.dictionary),
+            dictionary_md5=dictionary_md5(self.dictionary),
+            keytype=str(self.args.knn_keytype),
+            context_window=self.context_window,
+            tokens_per_sample=self.args.tokens_per_sample + self.context_window,
+            sample_break_mode=str(self.args.sample_break_mode),
+        )
+
+    def dstore_output_dir(self) -> str:
+        if self.num_shards == 1:
+            return self.args.dstore
+        return os.path.join(self.args.dstore, shard_dirname(self.shard_id, self.num_shards))
+
+    # ------------------------------------------------------------ evaluation
+    def eval_lm_dataloader(
+        self,
+        dataset,
+        max_tokens=36000,
+        batch_size=None,
+        max_positions=None,
+        num_shards=1,
+        shard_id=0,
+        num_workers=1,
+        data_buffer_size=10,
+        context_window=0,
+    ):
+        self.context_window = context_window
+        if self.args.save_knnlm_dstore and (num_shards, shard_id) != (self.num_shards, self.shard_id):
+            raise RuntimeError(
+                f"eval-lm asked for shard {shard_id}/{num_shards}, the task planned "
+                f"{self.shard_id}/{self.num_shards}"
+            )
+        self.num_shards, self.shard_id = num_shards, shard_id
+        if num_shards == 1:
+            itr = super().eval_lm_dataloader(
+                dataset, max_tokens, batch_size, max_positions, 1, 0,
+                num_workers, data_buffer_size, context_window,
+            )
+        else:
+            itr = self._contiguous_shard(
+                dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
+                num_workers, data_buffer_size, context_window,
+            )
+        if not (self.args.save_knnlm_dstore or self.args.knnlm):
+            return itr
+        return _NotifyOnExhaustion(itr, self.finish_eval_lm)
+
+    def _contiguous_shard(
+        self, dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
+        num_workers, data_buffer_size, context_window,
+    ):
+        """This shard's contiguous run of batches, primed with the preceding context.
+
+        fairseq's own sharding deals batches round-robin, which breaks the
+        context carried from block to block; here shard i gets the i-th
+        contiguous slice of the single-process batches, preceded by just
+        enough earlier samples to rebuild the context a single process would
+        have had.  Rows of those priming samples are not scored
+        (``first_scored_id``).
+        """
+        if context_window > 0:
+            dataset = LMContextWindowDataset(
+                dataset=dataset,
+                tokens_per_sample=self.args.tokens_per_sample,
+                context_window=context_window,
+                pad_idx=self.source_dictionary.pad(),
+            )
+        batches = self.get_batch_iterator(
+            dataset=dataset,
+            max_tokens=max_tokens,
+            max_sentences=batch_size,
+            max_positions=max_positions,
+            ignore_invalid_inputs=True,
+            num_workers=num_workers,
+            data_buffer_size=data_buffer_size,
+        ).frozen_batches
+        lo = len(batches) * shard_id // num_shards
+        hi = len(batches) * (shard_id + 1) // num_shards
+        mine = [list(b) for b in batches[lo:hi]]
+        self.first_scored_id = int(mine[0][0]) if mine else 0
+        if mine and context_window > 0 and self.first_scored_id > 0:
+            priming, tokens = [], 0
+            for idx in range(self.first_scored_id - 1, -1, -1):
+                priming.insert(0, idx)
+                tokens += dataset.num_tokens(idx)
+                if tokens >= context_window:
+                    break
+            mine.insert(0, priming)
+        return iterators.EpochBatchIterator(
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=mine,
+            num_workers=num_workers,
+            buffer_size=data_buffer_size,
+        ).next_epoch_itr(shuffle=False)
+
+    def finish_eval_lm(self):
+        if self.active_scorer is not None:
+            self.active_scorer.finish()
+
+
+class _NotifyOnExhaustion:
+    """Iterates like ``itr`` (and has its length) and calls ``on_end`` once it is exhausted."""
+
+    def __init__(self, itr, on_end):
+        self.itr = itr
+        self.on_end = on_end
+
+    def __len__(self):
+        return len(self.itr)
+
+    def __iter__(self):
+        yield from self.itr
+        self.on_end()
+
+
+def _install_scorer(task):
+    """Make the running fairseq-eval-lm build our scorer instead of SequenceScorer.
+
+    fairseq_cli.eval_lm looks the name ``SequenceScorer`` up in its module
+    globals when it builds the scorer, so rebinding it there is enough.
+    """
+    from .scorer import KNNSequenceScorer
+
+    def make_scorer(tgt_dict, softmax_batch=None, **kwargs):
+        scorer = KNNSequenceScorer(tgt_dict, softmax_batch, task=task, **kwargs)
+        task.active_scorer = scorer
+        return scorer
+
+    for name in ("fairseq_cli.eval_lm", "__main__"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "SequenceScorer") and hasattr(module, "eval_lm"):
+            module.SequenceScorer = make_scorer
