@@ -1,0 +1,411 @@
+"""Saved neighbours: what kNN-LM retrieved for every scored token, for offline tuning.
+
+A neighbours file is a directory (``fairseq-eval-lm --knnlm --knn-save-neighbors
+DIR``) holding, in the order fairseq-eval-lm scored the tokens::
+
+    targets.npy       (n,)    int32    target token id
+    lm_log_probs.npy  (n,)    float32  log p_LM(target), natural log
+    dists.npy         (n, k)  float32  neighbour distances as the softmax sees them
+                                       (float16 with fp16_dists)
+    vals.npy          (n, k)  int32    neighbour values (next tokens); -1: no neighbour
+    segments.npy      (m,)    int64    rows per scored sequence (eval-lm's summation unit)
+    meta.json                          written last; see docs/SWEEP.md
+
+Crash safety is the datastore's: the writer streams into ``DIR.partial``,
+rewrites the fixed-size ``.npy`` headers with the final shapes, writes
+``meta.json`` last and renames the directory into place, so a directory
+without ``meta.json`` is never read.  A run split with ``--num-shards`` may
+write ``DIR/shard-000-of-004/`` ...; :func:`read_neighbors` joins them in
+shard order.
+"""
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .datastore import (
+    NPY_HEADER_BYTES,
+    RowConcat,
+    _write_json_atomic,
+    npy_header,
+    shard_dirname,
+)
+from .errors import UserError
+
+FORMAT_VERSION = 1
+KIND = "knnlm-neighbors"
+META_FILE = "meta.json"
+TARGETS_FILE = "targets.npy"
+LM_FILE = "lm_log_probs.npy"
+DISTS_FILE = "dists.npy"
+VALS_FILE = "vals.npy"
+SEGMENTS_FILE = "segments.npy"
+
+TARGETS_DTYPE = np.dtype(np.int32)
+LM_DTYPE = np.dtype(np.float32)
+VALS_DTYPE = np.dtype(np.int32)
+SEGMENTS_DTYPE = np.dtype(np.int64)
+FP16_MAX = float(np.finfo(np.float16).max)
+# Distances at least this large are "no neighbour" sentinels (FAISS pads
+# unfilled slots with FLT_MAX or +inf); they may become +inf in float16.
+SENTINEL_DIST = 1e30
+
+# Keys written by the writer itself; a caller's meta cannot override them.
+RESERVED_META = (
+    "format_version", "kind", "id", "n", "k", "num_segments", "created",
+    "targets_dtype", "lm_log_probs_dtype", "dists_dtype", "vals_dtype", "segments_dtype",
+)
+
+
+class NeighborsError(UserError):
+    """A neighbours file that cannot be written or read as asked; the message says what to do."""
+
+
+RERUN = "rerun fairseq-eval-lm --knnlm with --knn-save-neighbors"
+
+
+def _as_numpy(x) -> np.ndarray:
+    """numpy view of x; torch tensors (any device) are accepted too."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def check_can_write(final_dir: str, overwrite: bool) -> None:
+    """Refuse, before any scoring is done, to clobber a file or write where we can't."""
+    if os.path.exists(os.path.join(final_dir, META_FILE)) and not overwrite:
+        raise NeighborsError(
+            f"{final_dir} already holds saved neighbours; delete it or choose "
+            "another --knn-save-neighbors path"
+        )
+    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
+        raise NeighborsError(
+            f"{final_dir} exists and is not a directory; choose another --knn-save-neighbors path"
+        )
+    if (
+        os.path.isdir(final_dir)
+        and os.listdir(final_dir)
+        and not os.path.exists(os.path.join(final_dir, META_FILE))
+        and not overwrite
+    ):
+        raise NeighborsError(
+            f"{final_dir} is not empty and holds no saved neighbours; choose "
+            "another --knn-save-neighbors path"
+        )
+    parent = os.path.dirname(final_dir) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise NeighborsError(f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NeighborsError(f"cannot write to {parent}; choose a writable --knn-save-neighbors path")
+
+
+class NeighborsWriter:
+    """Streams every scored token's target, LM log-prob and k neighbours to disk.
+
+    Memory use is bounded by one :meth:`append` call.  Nothing lands at
+    ``path`` until :meth:`commit`; an interrupted run leaves ``path.partial``,
+    which readers refuse and the next writer replaces.
+    """
+
+    def __init__(self, path: str, k: int, meta: dict, fp16_dists: bool = False, overwrite: bool = False):
+        if int(k) < 1:
+            raise NeighborsError(f"cannot save {k} neighbours per token; --k must be at least 1")
+        self.final_dir = os.path.abspath(str(path).rstrip("/"))
+        self.k = int(k)
+        self.dists_dtype = np.dtype(np.float16 if fp16_dists else np.float32)
+        self.overwrite = overwrite
+        try:  # fail now, not after hours of scoring
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise NeighborsError(f"neighbours metadata is not JSON-serialisable: {e}") from None
+        self.meta = dict(meta)
+        check_can_write(self.final_dir, overwrite)
+        self.partial_dir = self.final_dir + ".partial"
+        if os.path.exists(self.partial_dir):
+            shutil.rmtree(self.partial_dir)
+        os.makedirs(self.partial_dir)
+        self.n = 0
+        self.segments: List[int] = []
+        self._files = {}
+        for name, dtype, shape in self._layout(0):
+            f = open(os.path.join(self.partial_dir, name), "wb")
+            f.write(npy_header(dtype, shape))
+            self._files[name] = f
+
+    def _layout(self, n: int):
+        return (
+            (TARGETS_FILE, TARGETS_DTYPE, (n,)),
+            (LM_FILE, LM_DTYPE, (n,)),
+            (DISTS_FILE, self.dists_dtype, (n, self.k)),
+            (VALS_FILE, VALS_DTYPE, (n, self.k)),
+        )
+
+    def append(self, targets, lm_log_probs, dists, neighbor_vals, lengths=None) -> None:
+        """Add n scored tokens, in the order fairseq-eval-lm scores them.
+
+        targets (n,) int, lm_log_probs (n,) float, dists (n, k) float,
+        neighbor_vals (n, k) int.  ``lengths``: optional row counts of the
+        sequences (hypotheses) these rows belong to, summing to n; without it
+        the whole call counts as one sequence.  Sequences are the units
+        fairseq-eval-lm sums in float32, so passing them lets the sweep
+        reproduce its perplexity to the last digit.
+        """
+        targets, lm = _as_numpy(targets), _as_numpy(lm_log_probs)
+        dists, vals = _as_numpy(dists), _as_numpy(neighbor_vals)
+        n = len(targets)
+        if (
+            targets.ndim != 1 or lm.shape != (n,) or dists.shape != (n, self.k)
+            or vals.shape != (n, self.k)
+        ):
+            raise NeighborsError(
+                f"cannot append targets {targets.shape}, lm_log_probs {lm.shape}, dists "
+                f"{dists.shape}, vals {vals.shape} to neighbours saved with k={self.k}; "
+                f"pass (n,), (n,), (n, {self.k}), (n, {self.k}) arrays"
+            )
+        if not (np.issubdtype(targets.dtype, np.integer) and np.issubdtype(vals.dtype, np.integer)):
+            raise NeighborsError(
+                f"targets and neighbour values must be integer arrays, got {targets.dtype} and {vals.dtype}"
+            )
+        if lengths is None:
+            lengths = [n] if n else []
+        else:
+            lengths = [int(x) for x in _as_numpy(lengths).reshape(-1)]
+            if sum(lengths) != n or any(x < 0 for x in lengths):
+                raise NeighborsError(
+                    f"segment lengths {lengths[:8]}... must be non-negative and sum to the {n} rows appended"
+                )
+        if n == 0:
+            return
+        dists_out = np.ascontiguousarray(dists, dtype=self.dists_dtype)
+        if self.dists_dtype == np.float16:
+            d32 = np.asarray(dists, dtype=np.float32)
+            overflow = np.isinf(dists_out) & np.isfinite(d32) & (np.abs(d32) < SENTINEL_DIST)
+            if overflow.any():
+                raise NeighborsError(
+                    f"distance {float(d32[overflow][0]):.6g} does not fit float16 "
+                    f"(max {FP16_MAX:g}); save neighbours without --knn-save-neighbors-fp16"
+                )
+        self._files[TARGETS_FILE].write(np.ascontiguousarray(targets, dtype=TARGETS_DTYPE).tobytes())
+        self._files[LM_FILE].write(np.ascontiguousarray(lm, dtype=LM_DTYPE).tobytes())
+        self._files[DISTS_FILE].write(dists_out.tobytes())
+        self._files[VALS_FILE].write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        self.segments.extend(x for x in lengths if x > 0)
+        self.n += n
+
+    def commit(self) -> str:
+        """Finish the files, write meta.json last, move into place; returns the path."""
+        for name, dtype, shape in self._layout(self.n):
+            f = self._files[name]
+            f.seek(0)
+            f.write(npy_header(dtype, shape))
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        segments = np.asarray(self.segments, dtype=SEGMENTS_DTYPE)
+        with open(os.path.join(self.partial_dir, SEGMENTS_FILE), "wb") as f:
+            f.write(npy_header(SEGMENTS_DTYPE, segments.shape))
+            f.write(segments.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {key: value for key, value in self.meta.items() if key not in RESERVED_META}
+        meta.update(
+            format_version=FORMAT_VERSION,
+            kind=KIND,
+            id=uuid.uuid4().hex,
+            n=self.n,
+            k=self.k,
+            num_segments=len(segments),
+            targets_dtype=TARGETS_DTYPE.name,
+            lm_log_probs_dtype=LM_DTYPE.name,
+            dists_dtype=self.dists_dtype.name,
+            vals_dtype=VALS_DTYPE.name,
+            segments_dtype=SEGMENTS_DTYPE.name,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        _write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
+        if os.path.exists(self.final_dir):
+            # Only reached with overwrite=True (checked at construction).
+            old = self.final_dir + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(self.final_dir, old)
+            os.rename(self.partial_dir, self.final_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.partial_dir, self.final_dir)
+        return self.final_dir
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        for f in self._files.values():
+            if not f.closed:
+                f.close()
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+@dataclass
+class Neighbors:
+    """A saved neighbours file, opened read-only (arrays memory-mapped)."""
+
+    path: str
+    meta: Dict
+    targets: np.ndarray       # (n,) int32
+    lm_log_probs: np.ndarray  # (n,) float32
+    dists: np.ndarray         # (n, k) float32 or float16 (RowConcat when sharded)
+    vals: np.ndarray          # (n, k) int32 (RowConcat when sharded)
+    segments: np.ndarray      # (m,) int64, rows per scored sequence, sum n
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["n"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def check_k(self, k: int) -> None:
+        if k > self.k:
+            raise NeighborsError(
+                f"--k {k} exceeds the {self.k} neighbours saved in {self.path}; lower --k "
+                f"or save again with --k {k} --knn-save-neighbors"
+            )
+
+
+def _read_meta(path: str) -> Dict:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.exists(meta_path):
+        raise NeighborsError(f"{path} holds no complete saved neighbours (no {META_FILE}); {RERUN}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NeighborsError(f"{meta_path} is unreadable ({e}); {RERUN}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise NeighborsError(
+            f"{path} is not a saved-neighbours file (a datastore?); pass the --knn-save-neighbors directory"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise NeighborsError(
+            f"{path} has neighbours format {version}, this version reads {FORMAT_VERSION}; {RERUN}"
+        )
+    for field in ("n", "k", "dists_dtype"):
+        if field not in meta:
+            raise NeighborsError(f"{meta_path} lacks {field!r}; {RERUN}")
+    return meta
+
+
+def _open_array(path: str, name: str, dtype, shape) -> np.ndarray:
+    file = os.path.join(path, name)
+    expected = NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    actual = os.path.getsize(file) if os.path.exists(file) else -1
+    if actual != expected:
+        state = "missing" if actual < 0 else f"truncated or corrupt ({actual} bytes, expected {expected})"
+        raise NeighborsError(f"{file} is {state}; {RERUN}")
+    try:
+        arr = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise NeighborsError(f"{file} is not a readable .npy file ({e}); {RERUN}") from None
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise NeighborsError(
+            f"{file} holds {arr.dtype} {arr.shape}, meta.json says {np.dtype(dtype)} {tuple(shape)}; {RERUN}"
+        )
+    return arr
+
+
+def _read_single(path: str) -> Neighbors:
+    meta = _read_meta(path)
+    n, k = int(meta["n"]), int(meta["k"])
+    dists_dtype = np.dtype(meta["dists_dtype"])
+    if dists_dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise NeighborsError(f"{path} has dists of dtype {dists_dtype}; {RERUN}")
+    num_segments = int(meta.get("num_segments", 0))
+    arrays = dict(
+        targets=_open_array(path, TARGETS_FILE, TARGETS_DTYPE, (n,)),
+        lm_log_probs=_open_array(path, LM_FILE, LM_DTYPE, (n,)),
+        dists=_open_array(path, DISTS_FILE, dists_dtype, (n, k)),
+        vals=_open_array(path, VALS_FILE, VALS_DTYPE, (n, k)),
+        segments=np.array(_open_array(path, SEGMENTS_FILE, SEGMENTS_DTYPE, (num_segments,))),
+    )
+    if int(arrays["segments"].sum()) != n or (arrays["segments"] < 0).any():
+        raise NeighborsError(f"{os.path.join(path, SEGMENTS_FILE)} does not add up to {n} rows; {RERUN}")
+    return Neighbors(path=path, meta=meta, **arrays)
+
+
+# Fields every shard of one run must agree on.
+SHARD_FIELDS = (
+    "k", "dists_dtype", "sim_func", "dstore_fingerprint", "checkpoint_sha256",
+    "dictionary_md5", "data", "split", "num_shards",
+)
+
+
+def read_neighbors(path: str) -> Neighbors:
+    """Open a saved neighbours directory (single, or ``shard-*-of-*`` subdirectories).
+
+    Raises :class:`NeighborsError` with a one-line fix for incomplete,
+    truncated or foreign files.
+    """
+    path = os.path.abspath(str(path).rstrip("/"))
+    if not os.path.isdir(path):
+        if os.path.isdir(path + ".partial"):
+            raise NeighborsError(
+                f"only {path}.partial exists: the run that saved these neighbours did not finish; {RERUN}"
+            )
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise NeighborsError(f"{path} {what}; pass the directory written by --knn-save-neighbors")
+    if os.path.exists(os.path.join(path, META_FILE)):
+        return _read_single(path)
+    names = sorted(
+        n for n in os.listdir(path) if n.startswith("shard-") and not n.endswith(".partial")
+    )
+    if not names:
+        return _read_single(path)  # raises: no meta.json
+    try:
+        num_shards = int(names[0].rsplit("-of-", 1)[1])
+    except (IndexError, ValueError):
+        raise NeighborsError(f"{path}/{names[0]} is not a shard directory; {RERUN}") from None
+    expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise NeighborsError(
+            f"{path} is missing shard(s) {', '.join(missing)}; run every --shard-id with the same --num-shards"
+        )
+    shards = [_read_single(os.path.join(path, name)) for name in expected]
+    first = shards[0].meta
+    for shard in shards[1:]:
+        for field in SHARD_FIELDS:
+            if shard.meta.get(field) != first.get(field):
+                raise NeighborsError(
+                    f"shards of {path} disagree on {field}; save them all with the same model and flags"
+                )
+    meta = dict(first)
+    meta.update(n=sum(s.n for s in shards), num_segments=sum(len(s.segments) for s in shards),
+                shard_ids=[s.meta.get("id") for s in shards])
+    return Neighbors(
+        path=path,
+        meta=meta,
+        targets=np.concatenate([s.targets for s in shards]),
+        lm_log_probs=np.concatenate([s.lm_log_probs for s in shards]),
+        dists=RowConcat([s.dists for s in shards]),
+        vals=RowConcat([s.vals for s in shards]),
+        segments=np.concatenate([s.segments for s in shards]),
+    )
