@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny real fairseq LM trained on a slice of WikiText-2.
+
+Everything runs the real fairseq command-line tools in subprocesses, the way
+users run them.  Artefacts are built once per test session.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIR = str(ROOT / "fairseq_knnlm")
+WIKITEXT2 = Path(os.environ.get("WIKITEXT2_DIR", ROOT.parent / "shared" / "data" / "wikitext-2"))
+
+# Slice sizes in bytes of the WikiText-2 files: big enough for a model that
+# has learnt something, small enough to train in seconds on 2 cores.
+SLICE_BYTES = {"train": 400_000, "valid": 40_000, "test": 40_000}
+TOKENS_PER_SAMPLE = 128
+CONTEXT_WINDOW = 64
+
+PPL_RE = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
+
+
+def run(cmd, check=True, **kwargs):
+    """Run a command, returning CompletedProcess with text output (stdout+stderr merged)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env.update(kwargs.pop("env", {}))
+    proc = subprocess.run(
+        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=env, **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}")
+    return proc
+
+
+def perplexity_line(output: str):
+    """(loss, perplexity) as fairseq-eval-lm printed them, as strings (exact digits)."""
+    found = PPL_RE.findall(output)
+    assert found, f"no perplexity line in output:\n{output[-3000:]}"
+    return found[-1]
+
+
+def eval_lm(data_bin, checkpoint, *extra, task="knnlm_language_modeling", split="valid",
+            tokens_per_sample=TOKENS_PER_SAMPLE, context_window=CONTEXT_WINDOW, check=True):
+    cmd = [
+        "fairseq-eval-lm", data_bin, "--path", checkpoint, "--gen-subset", split,
+        "--tokens-per-sample", tokens_per_sample, "--context-window", context_window,
+        "--cpu", "--max-tokens", 4096, "--num-workers", 0, "--no-progress-bar",
+    ]
+    if task != "language_modeling":
+        cmd += ["--user-dir", USER_DIR]
+    cmd += ["--task", task, *extra]
+    return run(cmd, check=check)
+
+
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory):
+    return tmp_path_factory.mktemp("knnlm")
+
+
+@pytest.fixture(scope="session")
+def data_bin(artefacts):
+    raw = artefacts / "raw"
+    raw.mkdir()
+    for split, nbytes in SLICE_BYTES.items():
+        text = (WIKITEXT2 / f"{split}.txt").read_bytes()[:nbytes]
+        (raw / f"{split}.txt").write_bytes(text[: text.rfind(b"\n") + 1])
+    out = artefacts / "data-bin"
+    run([
+        "fairseq-preprocess", "--only-source", "--trainpref", raw / "train.txt",
+        "--validpref", raw / "valid.txt", "--testpref", raw / "test.txt",
+        "--destdir", out, "--workers", 1,
+    ])
+    return out
+
+
+def train_tiny_lm(data_bin, save_dir, arch_args, max_epoch=2):
+    run([
+        "fairseq-train", data_bin, "--task", "language_modeling", *arch_args,
+        "--tokens-per-sample", TOKENS_PER_SAMPLE, "--sample-break-mode", "none",
+        "--max-tokens", 4096, "--optimizer", "adam", "--lr", 0.003,
+        "--max-epoch", max_epoch, "--cpu", "--save-dir", save_dir, "--no-epoch-checkpoints",
+        "--no-last-checkpoints", "--log-format", "simple", "--seed", 1, "--num-workers", 0,
+    ])
+    return save_dir / "checkpoint_best.pt"
+
+
+# The paper's architecture in miniature: pre-norm transformer with adaptive
+# input and adaptive softmax.
+TINY_TRANSFORMER = [
+    "--arch", "transformer_lm", "--decoder-layers", 2, "--decoder-embed-dim", 64,
+    "--decoder-ffn-embed-dim", 128, "--decoder-attention-heads", 2,
+    "--decoder-normalize-before", "--decoder-input-dim", 64, "--decoder-output-dim", 64,
+    "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
+    "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights",
+    "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(artefacts, data_bin):
+    return train_tiny_lm(data_bin, artefacts / "ckpt", TINY_TRANSFORMER)
+
+
+@pytest.fixture(scope="session")
+def tiny_datastore(artefacts, data_bin, tiny_lm):
+    """A real datastore: the tiny LM's keys over the train slice."""
+    dstore = artefacts / "dstore-train"
+    eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, split="train")
+    return dstore
