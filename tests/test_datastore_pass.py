@@ -201,3 +201,25 @@ def test_model_without_hooked_module_is_refused(data_bin):
     with pytest.raises(KeytypeError, match="no decoder.layers\\[-1\\].fc1"):
         KeyCapture(model, "last_ffn_input")
     KeyCapture(model, "last_layer_output").remove()  # the final state needs no hook
+
+
+def test_distributed_launch_writes_one_shard_per_rank(artefacts, data_bin, tiny_lm):
+    """fairseq's own distributed mode (here torchrun, 2 CPU processes, gloo)."""
+    single = artefacts / "dstore-valid-last_ffn_input"
+    if not single.exists():
+        eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", single)
+    dstore = artefacts / "dstore-distributed"
+    eval_lm_cmd = (
+        f"exec fairseq-eval-lm {data_bin} --path {tiny_lm} --gen-subset valid "
+        f"--tokens-per-sample {TOKENS_PER_SAMPLE} --context-window {CONTEXT_WINDOW} --cpu "
+        f"--max-tokens 4096 --num-workers 0 --user-dir {USER_DIR} --task knnlm_language_modeling "
+        f"--save-knnlm-dstore --dstore {dstore} --distributed-backend gloo "
+        "--distributed-world-size 2 --distributed-no-spawn --distributed-init-method env:// "
+        "--distributed-rank $RANK"
+    )
+    run(["torchrun", "--nproc_per_node", 2, "--master_port", 29000 + os.getpid() % 1000,
+         "--no-python", "bash", "-c", eval_lm_cmd], env={"OMP_NUM_THREADS": "1"})
+    a, b = Datastore(single), Datastore(dstore)
+    assert b.meta["num_shards"] == 2
+    np.testing.assert_array_equal(a.vals, b.vals)
+    np.testing.assert_allclose(b.keys[:], a.keys[:], rtol=1e-5, atol=1e-5)
