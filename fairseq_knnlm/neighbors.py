@@ -184,7 +184,8 @@ class NeighborsWriter:
                 )
         if n == 0:
             return
-        dists_out = np.ascontiguousarray(dists, dtype=self.dists_dtype)
+        with np.errstate(over="ignore"):  # float16 overflow is checked just below
+            dists_out = np.ascontiguousarray(dists, dtype=self.dists_dtype)
         if self.dists_dtype == np.float16:
             d32 = np.asarray(dists, dtype=np.float32)
             overflow = np.isinf(dists_out) & np.isfinite(d32) & (np.abs(d32) < SENTINEL_DIST)

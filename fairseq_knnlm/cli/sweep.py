@@ -222,8 +222,9 @@ def check_fit_file(fit, nb) -> None:
         )
 
 
-def run(args, out=sys.stdout) -> dict:
+def run(args, out=None) -> dict:
     started = time.time()
+    out = out or sys.stdout
     nb = read_neighbors(args.file)
     if nb.n == 0:
         raise sw.SweepError(f"{nb.path} holds no scored tokens; save neighbours of a non-empty --gen-subset")
