@@ -1,0 +1,184 @@
+"""kNN-LM perplexity from the stock fairseq-eval-lm, against independent references."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from conftest import eval_lm, perplexity_line, run
+from fairseq_knnlm.datastore import Datastore, DatastoreWriter
+
+
+def build_index(dstore, output, factory="Flat", *extra):
+    run(["fairseq-knnlm-build-index", "--dstore", dstore, "--index-factory", factory,
+         "--output", output, *extra])
+    return output
+
+
+@pytest.fixture(scope="module")
+def flat_index(tiny_datastore):
+    return build_index(tiny_datastore, tiny_datastore / "flat.index")
+
+
+@pytest.fixture(scope="module")
+def valid_queries(artefacts, data_bin, tiny_lm):
+    """The valid split's own keys and targets: the queries eval-lm will search with."""
+    dstore = artefacts / "dstore-valid-queries"
+    if not dstore.exists():
+        eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore)
+    return dstore
+
+
+WORD_PROB = re.compile(r"\S+ \[(-?[0-9.]+|-?inf)\]")
+
+
+def word_log_probs(output):
+    """Per-token natural-log probabilities printed by --output-word-probs, in order."""
+    return np.array([float(x) for x in WORD_PROB.findall(output)])
+
+
+def knnlm(data_bin, tiny_lm, dstore, index, *flags, check=True):
+    return eval_lm(data_bin, tiny_lm, "--knnlm", "--dstore", dstore, "--knn-index", index, *flags, check=check)
+
+
+def test_lambda_zero_reproduces_baseline(data_bin, tiny_lm, tiny_datastore, flat_index):
+    stock = eval_lm(data_bin, tiny_lm, task="language_modeling")
+    ours = knnlm(data_bin, tiny_lm, tiny_datastore, flat_index, "--lmbda", "0", "--k", "8")
+    assert perplexity_line(ours.stdout) == perplexity_line(stock.stdout)
+
+
+def brute_force_knnlm_ppl(train_keys, train_vals, queries, targets, lm_lp, k, lmbda, temp):
+    """The paper's formula with exhaustive numpy search; shares no code with the package."""
+    train_keys = train_keys.astype(np.float64)
+    sq_norms = (train_keys ** 2).sum(1)
+    knn_p = np.empty(len(queries))
+    for s in range(0, len(queries), 512):
+        q = queries[s : s + 512].astype(np.float64)
+        d = sq_norms[None, :] - 2 * q @ train_keys.T + (q ** 2).sum(1)[:, None]
+        nn = np.argpartition(d, k - 1, axis=1)[:, :k]
+        nd = np.take_along_axis(d, nn, 1)
+        w = np.exp(-(nd - nd.min(1, keepdims=True)) / temp)
+        w /= w.sum(1, keepdims=True)
+        knn_p[s : s + 512] = (w * (train_vals[nn] == targets[s : s + 512, None])).sum(1)
+    p = lmbda * knn_p + (1 - lmbda) * np.exp(lm_lp)
+    return math.exp(-np.log(p).mean())
+
+
+def test_flat_l2_matches_brute_force_numpy(data_bin, tiny_lm, tiny_datastore, flat_index, valid_queries):
+    k, lmbda, temp = 16, 0.25, 5.0
+    base = eval_lm(data_bin, tiny_lm, "--output-word-probs", task="language_modeling")
+    lm_lp = word_log_probs(base.stdout)
+    train, valid = Datastore(tiny_datastore), Datastore(valid_queries)
+    assert len(lm_lp) == valid.size
+    expected = brute_force_knnlm_ppl(
+        np.asarray(train.keys), np.asarray(train.vals), np.asarray(valid.keys),
+        np.asarray(valid.vals), lm_lp, k, lmbda, temp,
+    )
+    out = knnlm(data_bin, tiny_lm, tiny_datastore, flat_index, "--k", k, "--lmbda", lmbda,
+                "--knn-temp", temp, "--knn-sim-func", "l2")
+    ppl = 2 ** float(perplexity_line(out.stdout)[0])
+    assert ppl == pytest.approx(expected, rel=1e-4)
+    # The interpolation actually did something on this data.
+    assert abs(ppl - 2 ** float(perplexity_line(base.stdout)[0])) > 1.0
+
+
+def test_word_probs_report_interpolated_probabilities(data_bin, tiny_lm, tiny_datastore, flat_index):
+    out = knnlm(data_bin, tiny_lm, tiny_datastore, flat_index, "--k", 8, "--lmbda", 0.5,
+                "--knn-temp", 5, "--output-word-probs")
+    lp = word_log_probs(out.stdout)
+    loss = float(perplexity_line(out.stdout)[0])
+    assert -lp.mean() / math.log(2) == pytest.approx(loss, abs=1e-4)
+
+
+def test_memorisation_drives_perplexity_to_one(artefacts, data_bin, tiny_lm, valid_queries):
+    index = build_index(valid_queries, artefacts / "valid-self.index")
+    out = knnlm(data_bin, tiny_lm, valid_queries, index, "--k", 4, "--lmbda", 0.999, "--knn-temp", 0.01,
+                "--knn-sim-func", "l2")
+    assert float(perplexity_line(out.stdout)[1]) < 1.1
+
+
+def test_lambda_one_works_when_every_token_matches(artefacts, data_bin, tiny_lm, valid_queries):
+    index = artefacts / "valid-self.index"
+    if not index.exists():
+        build_index(valid_queries, index)
+    out = knnlm(data_bin, tiny_lm, valid_queries, index, "--k", 1, "--lmbda", 1)
+    assert float(perplexity_line(out.stdout)[1]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_ivfpq_with_faiss_distances_lands_near_exact(data_bin, tiny_lm, tiny_datastore, flat_index):
+    ivf = build_index(tiny_datastore, tiny_datastore / "ivfpq.index", "IVF64,PQ16")
+    args = ["--k", 32, "--lmbda", 0.25, "--knn-temp", 5]
+    exact = knnlm(data_bin, tiny_lm, tiny_datastore, flat_index, *args, "--knn-sim-func", "l2")
+    approx = knnlm(data_bin, tiny_lm, tiny_datastore, ivf, *args, "--probe", 16)
+    recomputed = knnlm(data_bin, tiny_lm, tiny_datastore, ivf, *args, "--probe", 16, "--knn-sim-func", "l2")
+    e, a, r = (float(perplexity_line(o.stdout)[1]) for o in (exact, approx, recomputed))
+    assert a == pytest.approx(e, rel=0.05)
+    assert abs(r - e) <= abs(a - e) + 1e-6 or r == pytest.approx(e, rel=0.01)
+
+
+def test_domain_datastore_from_another_corpus(artefacts, data_bin, tiny_lm):
+    """A store built from text binarized with the model's dictionary is used as-is."""
+    other = artefacts / "other-bin"
+    run(["fairseq-preprocess", "--only-source", "--srcdict", data_bin / "dict.txt",
+         "--trainpref", artefacts / "raw" / "test.txt", "--destdir", other, "--workers", 1])
+    dstore = artefacts / "dstore-other"
+    eval_lm(other, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, split="train")
+    build_index(dstore, dstore / "knn.index")  # the default --knn-index location
+    base = eval_lm(data_bin, tiny_lm, split="test")
+    adapted = eval_lm(data_bin, tiny_lm, "--knnlm", "--dstore", dstore, "--k", 16, "--lmbda", 0.5,
+                      "--knn-temp", 5, split="test")
+    # The store holds the test text itself, so adapting to it must help a lot.
+    assert float(perplexity_line(adapted.stdout)[1]) < 0.8 * float(perplexity_line(base.stdout)[1])
+
+
+def refusal(data_bin, tiny_lm, *flags):
+    proc = eval_lm(data_bin, tiny_lm, *flags, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_startup_refusals(artefacts, data_bin, tiny_lm, tiny_datastore, flat_index, valid_queries):
+    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", flat_index]
+    assert "--lmbda must lie in [0, 1]" in refusal(data_bin, tiny_lm, *knn, "--lmbda", "1.5")
+    assert "--k must be at least 1" in refusal(data_bin, tiny_lm, *knn, "--k", "0")
+    assert "exceeds the datastore" in refusal(data_bin, tiny_lm, *knn, "--k", str(10**9))
+    assert "--knn-temp must be positive" in refusal(data_bin, tiny_lm, *knn, "--knn-temp", "0")
+    assert "--knn-keytype" in refusal(data_bin, tiny_lm, *knn, "--knn-keytype", "last_layer_output")
+    # An index built for another datastore.
+    other_index = artefacts / "valid-self.index"
+    if not other_index.exists():
+        build_index(valid_queries, other_index)
+    last = refusal(data_bin, tiny_lm, "--knnlm", "--dstore", tiny_datastore, "--knn-index", other_index)
+    assert "fairseq-knnlm-build-index" in last
+    # Missing datastore and missing index.
+    assert "no datastore" in refusal(data_bin, tiny_lm, "--knnlm", "--dstore", artefacts / "nope")
+    assert "error" in refusal(data_bin, tiny_lm, *knn[:3], "--knn-index", artefacts / "nope.index")
+
+
+def _fake_store(path, dim, like: Datastore, **meta_changes):
+    writer = DatastoreWriter(path, dim, np.float32)
+    writer.append(np.zeros((8, dim), np.float32), np.arange(8, dtype=np.int32))
+    meta = {k: like.meta[k] for k in ("keytype", "dictionary_md5", "dictionary_size", "checkpoint_sha256")}
+    meta.update(meta_changes)
+    writer.commit(meta)
+    return build_index(path, path / "knn.index")
+
+
+def test_mismatched_datastore_refusals(artefacts, data_bin, tiny_lm, tiny_datastore):
+    like = Datastore(tiny_datastore)
+    wrong_dim = artefacts / "dstore-wrong-dim"
+    _fake_store(wrong_dim, like.dim * 2, like)
+    assert "dimension" in refusal(data_bin, tiny_lm, "--knnlm", "--dstore", wrong_dim, "--k", 4)
+    wrong_dict = artefacts / "dstore-wrong-dict"
+    _fake_store(wrong_dict, like.dim, like, dictionary_md5="0" * 32)
+    assert "dictionary" in refusal(data_bin, tiny_lm, "--knnlm", "--dstore", wrong_dict, "--k", 4)
+
+
+def test_l2_similarity_needs_an_l2_index(data_bin, tiny_lm, tiny_datastore):
+    ip_index = build_index(tiny_datastore, tiny_datastore / "ip.index", "Flat", "--metric", "ip")
+    last = refusal(data_bin, tiny_lm, "--knnlm", "--dstore", tiny_datastore, "--knn-index", ip_index,
+                   "--knn-sim-func", "l2", "--k", 4)
+    assert "--metric l2" in last
+    ok = knnlm(data_bin, tiny_lm, tiny_datastore, ip_index, "--knn-sim-func", "ip", "--k", 4, "--knn-temp", 5)
+    assert math.isfinite(float(perplexity_line(ok.stdout)[1]))
