@@ -273,6 +273,16 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             buffer_size=data_buffer_size,
         ).next_epoch_itr(shuffle=False)
 
+    def build_generator(self, models, args, **kwargs):
+        """fairseq-generate / fairseq-interactive / hub sample() and score(): with
+        --knnlm, every model's normalized probabilities become the kNN-LM's."""
+        if self.args.knnlm:
+            from .generation import attach_knnlm
+
+            for model in models:
+                attach_knnlm(model, self)
+        return super().build_generator(models, args, **kwargs)
+
     def finish_eval_lm(self):
         if self.active_scorer is not None:
             self.active_scorer.finish()
