@@ -40,10 +40,14 @@ def knn_target_log_probs(
 def knn_vocab_log_probs(
     dists: torch.Tensor, neighbor_vals: torch.Tensor, vocab_size: int, temperature: float
 ) -> torch.Tensor:
-    """The full kNN distribution over the vocabulary, (n, vocab_size), natural log."""
-    weights = neighbor_log_weights(dists, temperature).exp()
+    """The full kNN distribution over the vocabulary, (n, vocab_size), natural log.
+
+    Unfilled slots (value -1) are scattered onto token 0 with weight 0.
+    """
+    missing = neighbor_vals < 0
+    weights = neighbor_log_weights(dists, temperature).exp().masked_fill(missing, 0.0)
     probs = weights.new_zeros(weights.shape[:-1] + (vocab_size,))
-    probs.scatter_add_(-1, neighbor_vals.long(), weights)
+    probs.scatter_add_(-1, neighbor_vals.long().clamp(min=0), weights)
     return probs.log()
 
 
