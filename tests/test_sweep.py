@@ -255,7 +255,7 @@ def test_fast_knn_log_probs_equal_knn_math(arrays):
     match = (vals == targets.unsqueeze(1)).float()
     for temp in (0.5, 1.0, 10.0):
         ref = knn_math.knn_target_log_probs(dists, vals, targets, temp)
-        fast, top_w, nn_d, _ = sw.knn_target_log_probs_fast(dists.clone(), match, temp, None, vals, targets)
+        fast, top_w, nn_d, _ = sw.knn_target_log_probs_fast(dists.clone(), match, temp)
         np.testing.assert_array_equal(torch.isinf(fast).numpy(), torch.isinf(ref).numpy())
         finite = torch.isfinite(ref)
         assert finite[2] and ref[2] < -100
@@ -283,7 +283,7 @@ def test_swept_perplexity_equals_eval_lm_arithmetic(nbfile, arrays, exact):
 def test_chunking_and_saved_k_do_not_change_results(tmp_path, nbfile, arrays):
     nb = read_neighbors(nbfile)
     whole = sw.knn_table(nb, [8, 64], [2.0], chunk_rows=10_000)
-    chunked = sw.knn_table(nb, [8, 64], [2.0], chunk_rows=37)
+    chunked = sw.knn_table(nb, [8, 64], [2.0], chunk_rows=37, threads=3)
     np.testing.assert_allclose(chunked.knn_log_probs, whole.knn_log_probs, rtol=1e-6)
     # Sweeping k=8 of a k=64 file equals a run that retrieved 8 neighbours.
     small = read_neighbors(write(tmp_path / "k8", arrays, k=8))

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--exact-math", action="store_true",
                    help="compute p_kNN with the scorer's own function per setting (slower; same values to float32 rounding)")
     x.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default: ~2M neighbours)")
+    x.add_argument("--threads", type=int, default=None,
+                   help=f"chunks computed in parallel (default: {sw.default_threads()})")
     return p
 
 
@@ -153,10 +155,10 @@ def frequency_counts(path: str, meta: dict, dictionary_path: str, out):
 def save_plots(res: sw.SweepResult, best, prefix: str) -> list:
     import logging
 
-    import matplotlib
-
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     logging.getLogger("PIL").setLevel(logging.WARNING)
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -244,6 +246,8 @@ def run(args, out=None) -> dict:
         raise sw.SweepError("--top and --context take non-negative numbers")
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise sw.SweepError("--chunk-rows must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise sw.SweepError("--threads must be at least 1")
     fit = None
     if args.adaptive_fit:
         fit = read_neighbors(args.adaptive_fit)
@@ -262,7 +266,7 @@ def run(args, out=None) -> dict:
         print("note: distances were saved in float16; perplexities match a float32 run only approximately",
               file=out)
     table = sw.knn_table(nb, ks, temps, signals=fit is not None, exact=args.exact_math,
-                         chunk_rows=args.chunk_rows, progress=not args.quiet)
+                         chunk_rows=args.chunk_rows, progress=not args.quiet, threads=args.threads)
     lm = np.array(nb.lm_log_probs, dtype=np.float32)
     res = sw.sweep(lm, table, lambdas, nb.segments)
     best = res.best()
@@ -318,7 +322,7 @@ def run(args, out=None) -> dict:
                                           for t, o, s in rows]
     if fit is not None:
         fit_table = sw.knn_table(fit, ks, temps, signals=True, exact=args.exact_math,
-                                 chunk_rows=args.chunk_rows, progress=not args.quiet)
+                                 chunk_rows=args.chunk_rows, progress=not args.quiet, threads=args.threads)
         fit_lm = np.array(fit.lm_log_probs, dtype=np.float32)
         fit_res = sw.sweep(fit_lm, fit_table, lambdas, fit.segments)
         rep = sw.adaptive_comparison(fit_lm, fit_table, fit.segments, fit_res,
