@@ -7,6 +7,7 @@ chunks, after which every λ costs one vectorised interpolation, and
 perplexities are summed the way fairseq-eval-lm sums them.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -83,6 +84,22 @@ def check_grid(ks: Sequence[int], temps: Sequence[float], lambdas: Sequence[floa
                 f"--k {k} exceeds the {saved_k} neighbours saved in {path}; lower --k "
                 f"or save again with --k {k} --knn-save-neighbors"
             )
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """Run torch ops on the calling thread only.
+
+    The sweep's tensors are small or processed chunk-per-thread; intra-op
+    threads would only add synchronisation, which costs many times the work
+    on a busy machine.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------- kNN probabilities
@@ -246,11 +263,9 @@ def knn_table(nb, ks: Sequence[int], temps: Sequence[float], signals: bool = Fal
 
         bar = tqdm(total=len(spans), desc="kNN probabilities", unit="chunk", leave=False, disable=None)
     threads = max(1, min(threads or default_threads(), len(spans) or 1))
-    previous = torch.get_num_threads()
     # One thread per chunk rather than per op: no synchronisation inside a chunk.
-    torch.set_num_threads(1)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), single_torch_thread():
             job = lambda span: _table_chunk(nb, *span, ks, temps, kmax, signals, exact, out, sig)  # noqa: E731
             if threads == 1:
                 for span in spans:
@@ -263,7 +278,6 @@ def knn_table(nb, ks: Sequence[int], temps: Sequence[float], signals: bool = Fal
                     for _ in pool.map(job, spans):
                         bar is not None and bar.update()
     finally:
-        torch.set_num_threads(previous)
         if bar is not None:
             bar.close()
     return KnnTable(ks, temps, out, sig)
@@ -357,14 +371,15 @@ def sweep(lm_log_probs: np.ndarray, table: KnnTable, lambdas: Sequence[float],
     shape = (len(table.ks), len(table.temps), len(lambdas))
     ppl, loss = np.empty(shape), np.empty(shape)
     skipped, count = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
-    base = eval_lm_perplexity(lm, starts)
-    for ki in range(shape[0]):
-        for ti in range(shape[1]):
-            knn = table.knn_log_probs[ki, ti]
-            for li, lam in enumerate(lambdas):
-                stat = base if lam == 0 else eval_lm_perplexity(interpolated(lm, knn, lam), starts)
-                ppl[ki, ti, li], loss[ki, ti, li] = stat.ppl, stat.loss
-                skipped[ki, ti, li], count[ki, ti, li] = stat.skipped, stat.count
+    with single_torch_thread():
+        base = eval_lm_perplexity(lm, starts)
+        for ki in range(shape[0]):
+            for ti in range(shape[1]):
+                knn = table.knn_log_probs[ki, ti]
+                for li, lam in enumerate(lambdas):
+                    stat = base if lam == 0 else eval_lm_perplexity(interpolated(lm, knn, lam), starts)
+                    ppl[ki, ti, li], loss[ki, ti, li] = stat.ppl, stat.loss
+                    skipped[ki, ti, li], count[ki, ti, li] = stat.skipped, stat.count
     return SweepResult(list(table.ks), list(table.temps), [float(x) for x in lambdas],
                        ppl, loss, skipped, count, base)
 
@@ -525,7 +540,18 @@ class AdaptiveReport:
         return ev.skipped <= self.fixed_eval.skipped and ev.ppl < self.fixed_eval.ppl
 
 
-def adaptive_comparison(fit_lm, fit_table: KnnTable, fit_segments, fit_result: SweepResult,
+def adaptive_comparison(*args, **kwargs) -> "AdaptiveReport":
+    """Fit per-bucket λ on one split, apply to another, against the best fixed λ.
+
+    Everything that is chosen (the fixed setting, each signal's k, T and
+    bucket λs, and which signal to report) is chosen on the fit split only.
+    Arguments as :func:`_adaptive_comparison`.
+    """
+    with single_torch_thread():
+        return _adaptive_comparison(*args, **kwargs)
+
+
+def _adaptive_comparison(fit_lm, fit_table: KnnTable, fit_segments, fit_result: SweepResult,
                         eval_lm, eval_table: KnnTable, eval_segments, eval_result: SweepResult,
                         lambdas: Sequence[float], num_buckets: int,
                         signals: Sequence[str] = SIGNALS) -> AdaptiveReport:

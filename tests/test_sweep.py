@@ -59,12 +59,14 @@ def write(path, arrays, k=None, meta=None, batch=97, fp16=False, split="test"):
     return w.commit()
 
 
-def reference_eval_lm(arrays, k, temp, lmbda, segments):
+def reference_eval_lm(arrays, k, temp, lmbda, segments, _cache={}):
     """What fairseq-eval-lm computes: the scorer's knn_math on whole arrays, then its
     loop over sequences (drop ±inf, float32 sums into a running total)."""
     targets, lm, dists, vals = (torch.from_numpy(np.asarray(a)) for a in arrays)
-    knn = knn_math.knn_target_log_probs(dists[:, :k], vals[:, :k], targets, temp)
-    final = knn_math.interpolate(lm, knn, lmbda)
+    key = (id(arrays), k, temp)
+    if key not in _cache:
+        _cache[key] = knn_math.knn_target_log_probs(dists[:, :k], vals[:, :k], targets, temp)
+    final = knn_math.interpolate(lm, _cache[key], lmbda)
     score_sum, count, offset = 0.0, 0, 0
     for length in segments:
         pos_scores = final[offset : offset + length].float()
@@ -76,6 +78,15 @@ def reference_eval_lm(arrays, k, temp, lmbda, segments):
         count += pos_scores.numel()
     loss = -score_sum / count / math.log(2)
     return float(2**loss), float(loss)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small tensors: OpenMP threads only add waiting on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
