@@ -1,0 +1,336 @@
+"""Tables (markdown) and plots (PNG) from the results.json of examples/wikitext2/run.py.
+
+    python examples/wikitext2/report.py WORKDIR [REPORT_DIR]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+LAMBDA_ROWS = (0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SIM_NAMES = {"faiss": "faiss (IVF-PQ distances)", "l2": "l2 (exact distances of IVF-PQ candidates)"}
+STAGE_ROWS = (
+    ("data", "locate / slice WikiText-2"),
+    ("preprocess", "fairseq-preprocess"),
+    ("train", "train the LM (fairseq-train)"),
+    ("baseline", "base LM eval, valid + test"),
+    ("dstore", "datastore pass over train"),
+    ("index", "build IVF-PQ (+ recall) and Flat indexes"),
+    ("knn-valid", "kNN-LM on valid, faiss + l2, saving neighbours"),
+    ("sweep-valid", "sweep k x T x λ on valid (both)"),
+    ("knn-test", "kNN-LM on test at the valid-chosen settings, faiss + l2"),
+    ("sweep-test", "sweep on test (read-off at valid-chosen settings)"),
+    ("dstore-size", "10% / 30% datastores: copy, index, valid eval, sweep"),
+    ("subset", "Flat vs IVF-PQ on a valid subset"),
+    ("report", "tables and plots"),
+)
+
+
+def f2(x):
+    return "–" if x is None or not np.isfinite(x) else f"{x:.2f}"
+
+
+def cell(sw, k, t, lam):
+    """Perplexity at (k, T, λ) in a compact sweep, or None if that point is not in the grid."""
+    if sw is None:
+        return None
+    try:
+        ki, ti, li = sw["ks"].index(k), sw["temps"].index(t), _index(sw["lambdas"], lam)
+    except ValueError:
+        return None
+    return float(np.array(sw["ppl"])[ki, ti, li])
+
+
+def _index(values, x):
+    for i, v in enumerate(values):
+        if abs(v - x) < 1e-9:
+            return i
+    raise ValueError(x)
+
+
+def best_on(sw, k=None, t=None, lam=None):
+    """(T, λ) minimising perplexity in sw with k (and optionally T or λ) fixed."""
+    ppl = np.array(sw["ppl"], dtype=float)
+    skipped = np.array(sw["skipped"])
+    ppl = np.where(skipped == skipped.min(), ppl, np.inf)
+    ki = sw["ks"].index(k)
+    grid = ppl[ki]
+    if t is not None:
+        ti = sw["temps"].index(t)
+        li = int(np.argmin(grid[ti]))
+        return t, sw["lambdas"][li]
+    if lam is not None:
+        li = _index(sw["lambdas"], lam)
+        ti = int(np.argmin(grid[:, li]))
+        return sw["temps"][ti], lam
+    ti, li = np.unravel_index(np.argmin(grid), grid.shape)
+    return sw["temps"][ti], sw["lambdas"][li]
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_report(results, work, report_dir):
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    md, plots = [], {}
+    cfg = results.get("config", {})
+    base = results.get("baseline", {})
+    chosen = results.get("chosen", {})
+    sv, st = results.get("sweep_valid", {}), results.get("sweep_test", {})
+    kt = results.get("knn_test", {})
+    kv = results.get("knn_valid", {})
+    K = cfg.get("k", 1024)
+
+    md.append(f"# kNN-LM on WikiText-2 ({results.get('mode')} run)\n")
+    d = results.get("dstore")
+    if d:
+        md.append(f"Datastore: {d['size']:,} keys x {d['dim']} ({d['keys_dtype']}, "
+                  f"{d['keys_bytes'] / 2**30:.2f} GiB) from train. Evaluation blocks: "
+                  f"--tokens-per-sample {cfg.get('tokens_per_sample')} --context-window {cfg.get('eval_context')} "
+                  f"(datastore pass: --context-window {cfg.get('dstore_context')}); k = {K}, nprobe = {cfg.get('probe')}.\n")
+
+    # ---------------------------------------------------------------- main
+    rows = [["base LM", "–", f2(base.get("valid", {}).get("ppl")), f2(base.get("test", {}).get("ppl"))]]
+    for sim in ("faiss", "l2"):
+        c = chosen.get(sim)
+        if not c:
+            continue
+        test = kt.get(sim, {}).get("ppl")
+        rows.append([f"kNN-LM, {SIM_NAMES[sim]}", f"k {c['k']}, T {c['knn_temp']:g}, λ {c['lmbda']:g}",
+                     f2(c["ppl"]), f2(test)])
+    for sim in ("faiss", "l2"):
+        if sim in kv:
+            rows.append([f"kNN-LM, {sim}, the paper's T 1, λ 0.25 (not tuned)", f"k {K}, T 1, λ 0.25",
+                         f2(kv[sim]["ppl"]), f2(cell(st.get(sim), K, 1.0, 0.25))])
+    md.append("## Perplexity: base LM vs kNN-LM\n")
+    md.append("T and λ are chosen on **valid** (grid: T in {"
+              + ", ".join(f"{t:g}" for t in cfg.get("temps", [])) + "}, λ in " + str(cfg.get("lambdas"))
+              + f", k fixed at {K}); test is reported at those settings, from a separate fairseq-eval-lm run "
+              "on test.\n")
+    md.append(table(["model", "setting (chosen on valid)", "valid", "test"], rows) + "\n")
+    checks = []
+    for sim in ("faiss", "l2"):
+        if sim in kt and sim in st:
+            c = kt[sim]
+            swept = cell(st[sim], c["k"], c["knn_temp"], c["lmbda"])
+            checks.append(f"{sim}: fairseq-eval-lm {c['ppl']:.4f} vs sweep {swept:.4f}")
+    if checks:
+        md.append("Check, test at the chosen setting, real run vs offline sweep of its saved neighbours: "
+                  + "; ".join(checks) + ".\n")
+
+    # ---------------------------------------------------------------- vs k
+    if sv:
+        rows = []
+        ks = sv[next(iter(sv))]["ks"]
+        for k in ks:
+            r = [k]
+            for sim in ("faiss", "l2"):
+                if sim not in sv:
+                    r += ["–"] * 2
+                    continue
+                t, lam = best_on(sv[sim], k=k)
+                r += [f"T {t:g}, λ {lam:g}", f"{f2(cell(sv[sim], k, t, lam))} / {f2(cell(st.get(sim), k, t, lam))}"]
+            rows.append(r)
+        md.append("## Perplexity vs k\n")
+        md.append("For each k, T and λ chosen on valid; cells are valid / test. The neighbours are the k "
+                  f"nearest of the {K} retrieved (IVF-PQ, nprobe {cfg.get('probe')}).\n")
+        md.append(table(["k", "faiss: T, λ", "faiss: valid / test", "l2: T, λ", "l2: valid / test"], rows) + "\n")
+        plots["k"] = plot_lines(report_dir / "ppl_vs_k.png", "kNN-LM perplexity vs k (T, λ chosen on valid per k)",
+                                "k (neighbours)", ks,
+                                {f"{split} {sim}": [cell(sw[sim], k, *best_on(sv[sim], k=k)) for k in ks]
+                                 for sim in ("faiss", "l2") if sim in sv
+                                 for split, sw in (("valid", sv), ("test", st)) if sim in sw},
+                                base, logx=True)
+
+    # ------------------------------------------------------------- vs λ
+    if sv and chosen:
+        rows = []
+        for lam in LAMBDA_ROWS:
+            r = [f"{lam:g}"]
+            for sim in ("faiss", "l2"):
+                c = chosen.get(sim)
+                r.append("–" if not c else
+                         f"{f2(cell(sv.get(sim), c['k'], c['knn_temp'], lam))} / "
+                         f"{f2(cell(st.get(sim), c['k'], c['knn_temp'], lam))}")
+            rows.append(r)
+        md.append("## Perplexity vs λ\n")
+        md.append("k and T at the valid-chosen setting of each distance; cells are valid / test "
+                  "(λ = 0 is the base LM).\n")
+        md.append(table(["λ", "faiss (T {:g}): valid / test".format(chosen["faiss"]["knn_temp"]) if "faiss" in chosen
+                         else "faiss", "l2 (T {:g}): valid / test".format(chosen["l2"]["knn_temp"]) if "l2" in chosen
+                         else "l2"], rows) + "\n")
+        lams = sv[next(iter(sv))]["lambdas"]
+        plots["lambda"] = plot_lines(
+            report_dir / "ppl_vs_lambda.png", "kNN-LM perplexity vs λ (k, T chosen on valid)", "λ", lams,
+            {f"{split} {sim} (T {chosen[sim]['knn_temp']:g})":
+             [cell(sw[sim], chosen[sim]["k"], chosen[sim]["knn_temp"], lam) for lam in lams]
+             for sim in ("faiss", "l2") if sim in chosen
+             for split, sw in (("valid", sv), ("test", st)) if sim in sw}, base)
+
+    # ------------------------------------------------------------- vs T
+    if sv and chosen:
+        temps = sv[next(iter(sv))]["temps"]
+        rows = []
+        for t in temps:
+            r = [f"{t:g}"]
+            for sim in ("faiss", "l2"):
+                c = chosen.get(sim)
+                if not c:
+                    r += ["–"] * 3
+                    continue
+                _, lam = best_on(sv[sim], k=c["k"], t=t)
+                r += [f"{f2(cell(sv[sim], c['k'], t, c['lmbda']))} / {f2(cell(st.get(sim), c['k'], t, c['lmbda']))}",
+                      f"{lam:g}",
+                      f"{f2(cell(sv[sim], c['k'], t, lam))} / {f2(cell(st.get(sim), c['k'], t, lam))}"]
+            rows.append(r)
+        md.append("## Perplexity vs temperature\n")
+        md.append(f"k = {K}; cells are valid / test, at the valid-chosen λ of each distance "
+                  "(faiss λ {}, l2 λ {}) and with λ re-chosen on valid for each T.\n".format(
+                      chosen.get("faiss", {}).get("lmbda", "–"), chosen.get("l2", {}).get("lmbda", "–")))
+        md.append(table(["T", "faiss, chosen λ", "faiss: best λ on valid", "faiss, that λ",
+                         "l2, chosen λ", "l2: best λ on valid", "l2, that λ"], rows) + "\n")
+        plots["temp"] = plot_lines(
+            report_dir / "ppl_vs_temperature.png", "kNN-LM perplexity vs temperature (λ chosen on valid per T)",
+            "temperature T", temps,
+            {f"{split} {sim}": [cell(sw[sim], chosen[sim]["k"], t, best_on(sv[sim], k=chosen[sim]["k"], t=t)[1])
+                                for t in temps]
+             for sim in ("faiss", "l2") if sim in chosen
+             for split, sw in (("valid", sv), ("test", st)) if sim in sw}, base, logx=True)
+
+    # ------------------------------------------------------ datastore size
+    sizes = results.get("dstore_size", {})
+    if sizes and "faiss" in chosen and d:
+        c = chosen["faiss"]
+        entries = sorted(sizes.values(), key=lambda e: e["fraction"])
+        entries.append(dict(fraction=1.0, size=d["size"], run=dict(ppl=cell(sv["faiss"], c["k"], c["knn_temp"], c["lmbda"])),
+                            chosen=c, index=results.get("index", {}).get("ivfpq", {}), full=True))
+        rows = []
+        for e in entries:
+            idx = e.get("index", {})
+            rows.append([f"{e['fraction'] * 100:g}%", f"{e['size']:,}", idx.get("factory", "–"),
+                         f"{(idx.get('build_seconds') or 0):.0f}",
+                         f2(e["run"]["ppl"]), f"T {e['chosen']['knn_temp']:g}, λ {e['chosen']['lmbda']:g}",
+                         f2(e["chosen"]["ppl"])])
+        md.append("## Perplexity vs datastore size (valid, faiss distances)\n")
+        md.append("A datastore of the first X% of train is the first X% of the full store's entries (keys are in "
+                  "corpus order, so these are exactly the keys a datastore pass over that prefix of train writes), "
+                  "copied to its own directory with its own IVF-PQ index (same factory, trained on its own keys). "
+                  f"Base LM valid perplexity {f2(base.get('valid', {}).get('ppl'))}.\n")
+        md.append(table(["train used", "keys", "index", "index build s", f"valid, k {c['k']} T {c['knn_temp']:g} "
+                         f"λ {c['lmbda']:g} (chosen on 100%)", "best T, λ for this size (valid)", "valid at those"],
+                        rows) + "\n")
+        plots["size"] = plot_lines(
+            report_dir / "ppl_vs_dstore_size.png", "kNN-LM valid perplexity vs datastore size",
+            "datastore keys (prefix of train)", [e["size"] for e in entries],
+            {"fixed T, λ (chosen on 100%)": [e["run"]["ppl"] for e in entries],
+             "T, λ re-chosen per size": [e["chosen"]["ppl"] for e in entries]},
+            {"valid": base.get("valid", {})}, logx=True)
+
+    # ----------------------------------------------------------- subset
+    sub = results.get("subset", {})
+    if sub.get("baseline"):
+        rows = [["base LM", "–", "–", f2(sub["baseline"]["ppl"]), "–"]]
+        names = {"ivfpq-faiss": ("IVF-PQ", "faiss (approximate)"), "ivfpq-l2": ("IVF-PQ", "l2 (exact)"),
+                 "flat": ("Flat (exact neighbours)", "exact")}
+        for name, (index, dist) in names.items():
+            if name not in sub:
+                continue
+            r = sub[name]["run"]
+            sw = sub[name]["sweep"]
+            rows.append([f"kNN-LM", index, dist, f"{f2(r['ppl'])} (T {r['knn_temp']:g}, λ {r['lmbda']:g})",
+                         f2(cell(sw, K, 1.0, 0.25))])
+        n_tok = sub["baseline"].get("tokens", "?")
+        md.append("## Exact vs approximate search (first {} tokens of valid)\n".format(n_tok))
+        md.append(f"Exact (Flat) search costs a full scan of the store per token, so it is run on the first "
+                  f"{n_tok} tokens of valid only (binarized with the model's dictionary and evaluated on their "
+                  f"own, so the base LM differs slightly from the whole-split number). k = {K}; T and λ are "
+                  "the valid-chosen ones (Flat uses the l2 setting: its distances are exact L2).\n")
+        md.append(table(["", "index", "distances", "ppl at valid-chosen T, λ", "ppl at T 1, λ 0.25"], rows) + "\n")
+    idx = results.get("index", {})
+    if idx:
+        rows = []
+        for name, meta in idx.items():
+            rec = meta.get("recall") or {}
+            rows.append([meta.get("factory"), f"{meta.get('ntotal'):,}", f"{meta.get('train_size'):,}",
+                         f"{meta.get('train_seconds') or 0:.0f}", f"{meta.get('add_seconds') or 0:.0f}",
+                         f"{meta.get('bytes', 0) / 2**20:.0f}",
+                         " / ".join(f"{rec[k]:.3f}" for k in ("recall@1", "recall@10", "recall@100") if k in rec)
+                         or "exact"])
+        md.append("## Indexes\n")
+        md.append(table(["factory", "keys", "training keys", "train s", "add s", "MiB",
+                         f"recall@1 / @10 / @100 (nprobe {cfg.get('probe')})"], rows) + "\n")
+
+    # --------------------------------------------------------- wall time
+    stages = results.get("stages", {})
+    rows = []
+    for name, what in STAGE_ROWS:
+        if name in stages:
+            rows.append([name, what, f"{stages[name]['seconds']:.0f}", f"{stages[name]['seconds'] / 60:.1f}"])
+        else:
+            rows.append([name, what, "not run", "–"])
+    md.append("## Wall time of every stage (2 CPU cores)\n")
+    md.append(table(["stage", "what", "seconds", "minutes"], rows) + "\n")
+    speeds = []
+    for label, r in [("base LM valid", base.get("valid")), ("base LM test", base.get("test")),
+                     ("datastore pass (train)", results.get("dstore"))] + \
+            [(f"kNN-LM {split} {sim}", results.get(f"knn_{split}", {}).get(sim))
+             for split in ("valid", "test") for sim in ("faiss", "l2")]:
+        if r and "tokens_per_s" in r:
+            speeds.append([label, f"{r['tokens']:,}", f"{r['eval_seconds']:.0f}", f"{r['tokens_per_s']:.0f}"])
+    if speeds:
+        md.append(table(["fairseq-eval-lm run", "tokens", "seconds", "tokens/s"], speeds) + "\n")
+    written = [p for p in plots.values() if p]
+    if written:
+        md.append("Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in written) + "\n")
+
+    out = report_dir / "results.md"
+    out.write_text("\n".join(md))
+    (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    return [out, report_dir / "results.json"] + written
+
+
+def plot_lines(path, title, xlabel, xs, series, base, logx=False):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    colors = {}
+    for label, ys in series.items():
+        ys = [np.nan if y is None else y for y in ys]
+        split = label.split()[0]
+        style = "-" if split != "test" else "--"
+        ax.plot(xs, ys, style, marker="o", markersize=4, label=label)
+        colors[split] = ax.lines[-1].get_color()
+    for split, stat in base.items():
+        if stat and "ppl" in stat:
+            ax.axhline(stat["ppl"], color="gray", linestyle=":" if split == "test" else "-.", linewidth=1,
+                       label=f"base LM {split}")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    work = Path(sys.argv[1])
+    dest = Path(sys.argv[2]) if len(sys.argv) > 2 else work / "report"
+    paths = write_report(json.loads((work / "results.json").read_text()), work, dest)
+    print("\n".join(map(str, paths)))

@@ -1,0 +1,140 @@
+"""The examples run end to end in their --tiny modes: real fairseq, real FAISS, real files."""
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, WIKITEXT2, run
+from fairseq_knnlm.datastore import Datastore
+
+WT2 = ROOT / "examples" / "wikitext2"
+WT103 = ROOT / "examples" / "wikitext103"
+STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index", "knn-valid", "sweep-valid",
+          "knn-test", "sweep-test", "dstore-size", "subset", "report")
+
+pytestmark = pytest.mark.skipif(not (WIKITEXT2 / "train.txt").exists(), reason=f"no WikiText-2 in {WIKITEXT2}")
+
+
+def run_wikitext2(work, *extra):
+    return run([sys.executable, WT2 / "run.py", "--tiny", "--data", WIKITEXT2, "--workdir", work, *extra])
+
+
+@pytest.fixture(scope="module")
+def wt2(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wt2-tiny")
+    out = run_wikitext2(work).stdout
+    return work, json.loads((work / "results.json").read_text()), out
+
+
+def swept(sw, k, temp, lmbda):
+    ki, ti = sw["ks"].index(k), sw["temps"].index(temp)
+    li = min(range(len(sw["lambdas"])), key=lambda i: abs(sw["lambdas"][i] - lmbda))
+    return sw["ppl"][ki][ti][li]
+
+
+def test_wikitext2_tiny_runs_every_stage(wt2):
+    work, res, _ = wt2
+    assert set(STAGES) <= set(res["stages"])
+    for split in ("valid", "test"):
+        assert 1 < res["baseline"][split]["ppl"] < 1e5
+    ds = Datastore(str(work / "dstore"))
+    assert ds.size == res["dstore"]["size"] > 0
+    assert res["index"]["ivfpq"]["factory"] == "IVF128,PQ16"
+    assert res["index"]["ivfpq"]["recall"]["recall@1"] > 0
+    assert res["index"]["flat"]["factory"] == "Flat"
+
+
+def test_wikitext2_settings_chosen_on_valid_then_confirmed_on_test(wt2):
+    _, res, _ = wt2
+    for sim in ("faiss", "l2"):
+        chosen = res["chosen"][sim]
+        valid = res["sweep_valid"][sim]
+        # λ = 0 (the base LM) is in the grid, so the chosen setting is never worse on valid.
+        assert chosen["ppl"] <= valid["base"]["ppl"] + 1e-9
+        assert chosen["ppl"] == pytest.approx(min(min(row) for row in valid["ppl"][valid["ks"].index(chosen["k"])]))
+        # The test run uses exactly the valid-chosen setting, and the offline sweep of its
+        # saved neighbours reproduces its printed loss (4 decimals).
+        test = res["knn_test"][sim]
+        assert (test["k"], test["knn_temp"], test["lmbda"]) == (chosen["k"], chosen["knn_temp"], chosen["lmbda"])
+        offline = swept(res["sweep_test"][sim], test["k"], test["knn_temp"], test["lmbda"])
+        assert abs(math.log2(offline) - test["loss"]) < 2e-4
+        # The sweep's λ = 0 is the plain fairseq-eval-lm baseline.
+        assert res["sweep_test"][sim]["base"]["loss"] == pytest.approx(res["baseline"]["test"]["loss"], abs=2e-4)
+
+
+def test_wikitext2_datastore_size_uses_prefixes_of_train(wt2):
+    work, res, _ = wt2
+    full = Datastore(str(work / "dstore"))
+    for tag, frac in (("p10", 0.1), ("p30", 0.3)):
+        entry = res["dstore_size"][tag]
+        sub = Datastore(str(work / f"dstore-{tag}"))
+        assert sub.size == entry["size"] == round(frac * full.size)
+        np.testing.assert_array_equal(np.asarray(sub.vals), np.asarray(full.vals[: sub.size]))
+        np.testing.assert_array_equal(np.asarray(sub.keys[-5:]), np.asarray(full.keys[sub.size - 5 : sub.size]))
+        assert sub.meta["prefix_fraction"] == frac
+        assert entry["run"]["dstore"] == str(work / f"dstore-{tag}")
+
+
+def test_wikitext2_report_tables_and_plots(wt2):
+    work, res, _ = wt2
+    report = work / "report"
+    md = (report / "results.md").read_text()
+    for title in ("base LM vs kNN-LM", "Perplexity vs k", "Perplexity vs λ", "Perplexity vs temperature",
+                  "Perplexity vs datastore size", "Exact vs approximate", "Wall time of every stage"):
+        assert title in md
+    assert "not run" not in md
+    for png in ("ppl_vs_k", "ppl_vs_lambda", "ppl_vs_temperature", "ppl_vs_dstore_size"):
+        assert (report / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((report / "results.json").read_text())["chosen"] == res["chosen"]
+    # Flat (exact) and IVF-PQ were compared on the same subset of valid.
+    sub = res["subset"]
+    assert {"baseline", "ivfpq-faiss", "ivfpq-l2", "flat"} <= set(sub)
+    assert sub["flat"]["run"]["index"].endswith("flat.index")
+
+
+def test_wikitext2_rerun_reuses_the_work_directory(wt2):
+    work, res, _ = wt2
+    out = run_wikitext2(work).stdout
+    for stage in STAGES[:-1]:
+        assert f"stage {stage}: outputs complete, skipped" in out
+    assert "$ fairseq-" not in out
+    assert json.loads((work / "results.json").read_text())["chosen"] == res["chosen"]
+
+
+PPL_ROW = re.compile(r"^\| (base LM|kNN-LM[^|]*) \|[^|]*\|[^|]*\| ([0-9.]+) \| ([0-9.]+) \|$", re.M)
+
+
+def test_wikitext103_recipe_tiny(tmp_path):
+    work = tmp_path / "wt103"
+    cmd = ["bash", WT103 / "run.sh", "--tiny", "--num-shards", "2", "--workdir", work]
+    out = run(cmd, env={"WIKITEXT2_DIR": str(WIKITEXT2)}).stdout
+    rows = PPL_ROW.findall((work / "results.md").read_text())
+    assert [r[0] for r in rows] == ["base LM", "kNN-LM, faiss (approximate) distances",
+                                   "kNN-LM, l2 (exact) distances"], out[-3000:]
+    for _, dev, test in rows:
+        assert 1 < float(dev) < 1e5 and 1 < float(test) < 1e5
+    # The datastore was saved by two shard jobs with the paper's flags, fp16 keys.
+    ds = Datastore(str(work / "dstore"))
+    assert ds.meta["num_shards"] == 2 and ds.keys.dtype == np.float16
+    assert "--context-window 64" in (work / "logs" / "dstore-shard0.log").read_text()
+    meta = json.loads((work / "dstore" / "knn.index.meta.json").read_text())
+    assert meta["factory"] == "IVF64,PQ16" and meta["ntotal"] == ds.size
+    for split in ("valid", "test"):
+        log = (work / "logs" / f"knnlm-l2-{split}.log").read_text()
+        assert "--k 1024 --lmbda 0.25 --probe 32" in log and "--knn-sim-func l2" in log
+    # A rerun finds every stage done and only rewrites the summary.
+    again = run(cmd, env={"WIKITEXT2_DIR": str(WIKITEXT2)}).stdout
+    assert "$ fairseq-" not in again and not re.search(r"\] stage ", again)
+
+
+def test_run_demo_script_installs_then_runs_tiny_by_default():
+    text = (ROOT / "scripts" / "run_demo.sh").read_text()
+    assert text.index("bash scripts/install.sh") < text.index("examples/wikitext2/run.py")
+    assert "mode=(--tiny)" in text
+    run(["bash", "-n", ROOT / "scripts" / "run_demo.sh"])
+    out = run([sys.executable, WT2 / "run.py", "--help"]).stdout
+    assert "--tiny" in out and "--workdir" in out
