@@ -160,18 +160,21 @@ def save_plots(res: sw.SweepResult, best, prefix: str) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.colors
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     paths = []
     finite = res.ppl[np.isfinite(res.ppl) & (res.skipped == res.skipped.min())]
     vmin = float(res.ppl[best])
-    vmax = float(min(finite.max(), res.base.ppl * 1.25)) if finite.size else vmin + 1
-    vmax = max(vmax, vmin * (1 + 1e-6))
+    # Log colour scale from the best to the base LM; worse cells saturate.
+    vmax = float(min(finite.max(), res.base.ppl)) if finite.size else vmin + 1
+    norm = matplotlib.colors.LogNorm(vmin=vmin, vmax=max(vmax, vmin * (1 + 1e-6)))
     fig, axes = plt.subplots(1, len(res.ks), figsize=(1.2 + 3.2 * len(res.ks), 4.5), squeeze=False)
     for ki, k in enumerate(res.ks):
         ax = axes[0, ki]
         grid = np.where(res.skipped[ki] == res.skipped.min(), res.ppl[ki], np.nan).T  # (L, T)
-        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", vmin=vmin, vmax=vmax,
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", norm=norm,
                        extent=(-0.5, len(res.temps) - 0.5, -0.5, len(res.lambdas) - 0.5))
         ax.set_xticks(range(len(res.temps)), [f"{t:g}" for t in res.temps])
         step = max(1, len(res.lambdas) // 10)
@@ -182,8 +185,11 @@ def save_plots(res: sw.SweepResult, best, prefix: str) -> list:
         ax.set_title(f"k = {k}")
         if best[0] == ki:
             ax.plot(best[1], best[2], marker="*", color="red", markersize=14)
-    fig.colorbar(im, ax=axes[0, :].tolist(), label="perplexity")
-    fig.suptitle(f"kNN-LM perplexity (base LM {res.base.ppl:.2f}; best {res.ppl[best]:.2f})")
+    bar = fig.colorbar(im, ax=axes[0, :].tolist(), label="perplexity", extend="max")
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    blank = "; blank: tokens skipped" if (res.skipped > res.skipped.min()).any() else ""
+    fig.suptitle(f"kNN-LM perplexity (base LM {res.base.ppl:.2f}; best {res.ppl[best]:.2f} *{blank})")
     paths.append(prefix + "-lambda-temp.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
@@ -194,8 +200,10 @@ def save_plots(res: sw.SweepResult, best, prefix: str) -> list:
         ax.plot(res.ks, comparable[:, ti, :].min(axis=1), marker="o", alpha=0.6, label=f"T={t:g}, best λ")
     ax.plot(res.ks, comparable.min(axis=(1, 2)), marker="o", color="black", linewidth=2, label="best λ, T")
     ax.axhline(res.base.ppl, color="gray", linestyle="--", label="base LM")
-    if len(res.ks) > 1 and min(res.ks) > 0:
+    if len(res.ks) > 1:
         ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(res.ks, [str(k) for k in res.ks])
     ax.set_xlabel("k (neighbours)")
     ax.set_ylabel("perplexity")
     ax.set_title("kNN-LM perplexity vs k")
@@ -265,10 +273,14 @@ def run(args, out=None) -> dict:
     if meta.get("dists_dtype") == "float16":
         print("note: distances were saved in float16; perplexities match a float32 run only approximately",
               file=out)
+    timings = {}
+    tick = time.time()
     table = sw.knn_table(nb, ks, temps, signals=fit is not None, exact=args.exact_math,
                          chunk_rows=args.chunk_rows, progress=not args.quiet, threads=args.threads)
+    timings["knn"], tick = time.time() - tick, time.time()
     lm = np.array(nb.lm_log_probs, dtype=np.float32)
     res = sw.sweep(lm, table, lambdas, nb.segments)
+    timings["lambdas"], tick = time.time() - tick, time.time()
     best = res.best()
     b = res.setting(best)
     print_table(res, best, out)
@@ -337,7 +349,9 @@ def run(args, out=None) -> dict:
         print(f"\nplots: {', '.join(paths)}", file=out)
         report["plots"] = paths
     report["seconds"] = time.time() - started
-    print(f"swept {len(ks) * len(temps) * len(lambdas)} settings in {report['seconds']:.1f}s", file=out)
+    report["timings"] = timings
+    print(f"swept {len(ks) * len(temps) * len(lambdas)} settings in {report['seconds']:.1f}s "
+          f"(kNN probabilities {timings['knn']:.1f}s, all λ {timings['lambdas']:.1f}s)", file=out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=float)
