@@ -138,7 +138,7 @@ class KNNSequenceScorer:
             info = self.task.run_info()
             info.update(
                 k=self.args.k,
-                sim_func=self.args.knn_sim_func,
+                sim_func=str(self.args.knn_sim_func),
                 lmbda=self.args.lmbda,
                 knn_temp=self.args.knn_temp,
                 probe=self.args.probe,
