@@ -7,3 +7,4 @@ from .errors import install_excepthook
 install_excepthook()
 
 from . import task  # noqa: E402,F401  registers knnlm_language_modeling
+from .generation import numpy2_compat  # noqa: E402,F401  fairseq eos-mode datasets under NumPy 2
