@@ -64,7 +64,7 @@ FULL = dict(
     tokens_per_sample=512,   # = the training block: the model has seen no longer context
     dstore_context=256,      # datastore pass: each scored token sees >= 256 tokens of context
     eval_context=256,
-    max_tokens=8192,
+    max_tokens=2048,         # 8 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (2 GiB)
     ivfpq_factory="IVF1024,PQ32",
     ivfpq_train=250_000,
     recall_queries=1000,
@@ -92,7 +92,7 @@ TINY_TRAIN = [
     "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights",
     "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp",
     "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", "4096",
-    "--optimizer", "adam", "--lr", "0.003", "--max-epoch", "3", "--cpu", "--num-workers", "0",
+    "--optimizer", "adam", "--lr", "0.003", "--max-epoch", "2", "--cpu", "--num-workers", "0",
     "--seed", "1", "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "20",
 ]
 KS = (1, 8, 64, 256, 1024)
