@@ -1,0 +1,664 @@
+"""The FAISS index over a datastore's keys: build (resumably), check, load.
+
+An index lives next to the datastore by default (``DSTORE/knn.index``) with a
+sidecar ``knn.index.meta.json`` naming the datastore it was built for.  The
+sidecar is written last: an index without one is incomplete.  While keys are
+being added, ``<index>.partial`` (the index so far) and
+``<index>.partial.json`` (the settings it was built with) are checkpointed so
+that an interrupted build continues where it stopped.
+
+Ids in the index are datastore positions (keys are added in order, and FAISS
+numbers them sequentially), so a neighbour id indexes ``Datastore.vals``.
+"""
+
+import json
+import mmap
+import os
+import sys
+import threading
+import time
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import faiss
+import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+from faiss.contrib.ivf_tools import replace_ivf_quantizer
+from tqdm import tqdm
+
+from .datastore import Datastore, RowConcat
+from .errors import UserError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "knn.index"
+META_SUFFIX = ".meta.json"
+PARTIAL_SUFFIX = ".partial"
+PROG = "fairseq-knnlm-build-index"
+
+# The paper's index: 4096 centroids, 64-byte PQ codes with 8-bit sub-quantizers.
+DEFAULT_NLIST = 4096
+DEFAULT_PQ_BYTES = 64
+PQ_CENTROIDS = 256
+# FAISS warns when k-means gets fewer than 39 training points per centroid.
+MIN_POINTS_PER_CENTROID = 39
+METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+RECALL_KS = (1, 10, 100)
+# Rows gathered per batch when reading scattered keys (training sample, queries).
+GATHER_BATCH = 1 << 16
+
+
+class IndexBuildError(UserError):
+    """An index cannot be built or used as asked; the message says what to do."""
+
+
+class IndexMismatchError(IndexBuildError):
+    """An index that was not built for the datastore it is used with."""
+
+
+def default_index_path(dstore_dir: str) -> str:
+    return os.path.join(str(dstore_dir), INDEX_FILE)
+
+
+def meta_path(index_path: str) -> str:
+    return str(index_path) + META_SUFFIX
+
+
+def partial_paths(index_path: str) -> Tuple[str, str]:
+    """(checkpointed index, its build settings) of an unfinished build."""
+    partial = str(index_path) + PARTIAL_SUFFIX
+    return partial, partial + ".json"
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _faiss_message(error: Exception) -> str:
+    """The useful part of a FAISS C++ exception (drops the source location)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
+# ---------------------------------------------------------------- factory
+
+
+def default_factory(n_train: int, dim: int) -> Tuple[str, Optional[str]]:
+    """The paper's ``IVF4096,PQ64``, scaled down to what ``n_train`` keys can train.
+
+    Returns (factory, note); note says what was adapted and why, or is None.
+    """
+    paper = f"IVF{DEFAULT_NLIST},PQ{DEFAULT_PQ_BYTES}"
+    if n_train < MIN_POINTS_PER_CENTROID * PQ_CENTROIDS:
+        # Too few keys to train 256 PQ centroids; exact search is cheap anyway.
+        return "Flat", (
+            f"{n_train} training keys are too few for {paper} (FAISS wants "
+            f"{MIN_POINTS_PER_CENTROID} per centroid); using exact search (Flat)"
+        )
+    notes = []
+    nlist = DEFAULT_NLIST
+    while nlist > PQ_CENTROIDS and n_train < MIN_POINTS_PER_CENTROID * nlist:
+        nlist //= 2
+    if nlist != DEFAULT_NLIST:
+        notes.append(
+            f"{nlist} centroids instead of {DEFAULT_NLIST}: {n_train} training keys "
+            f"(FAISS wants {MIN_POINTS_PER_CENTROID} per centroid)"
+        )
+    # PQ splits the key into equal sub-vectors: the code size must divide dim.
+    m = max(d for d in range(1, min(DEFAULT_PQ_BYTES, dim) + 1) if dim % d == 0)
+    if m != DEFAULT_PQ_BYTES:
+        notes.append(f"PQ{m} instead of PQ{DEFAULT_PQ_BYTES}: the code size must divide dim {dim}")
+    factory = f"IVF{nlist},PQ{m}"
+    return factory, (f"using {factory}: " + "; ".join(notes)) if notes else None
+
+
+def make_index(dim: int, factory: str, metric: str) -> faiss.Index:
+    """``faiss.index_factory``, with FAISS's refusal turned into a one-line error.
+
+    PQ codes skip polysemous training, as in the paper's ``IndexIVFPQ``: the
+    factory turns it on, but it only reorders codes for polysemous (Hamming)
+    filtering, which kNN-LM does not use; search results are the same and it
+    costs seconds per sub-quantizer, most of the training time.
+    """
+    try:
+        index = faiss.index_factory(dim, factory, METRICS[metric])
+    except RuntimeError as e:
+        raise IndexBuildError(
+            f"FAISS rejects --index-factory {factory!r} for {dim}-dim keys "
+            f"({_faiss_message(e)}); see the FAISS wiki page 'The index factory'"
+        ) from None
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    for part in (_ivf(index), inner):
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    return index
+
+
+def _ivf(index: faiss.Index):
+    """The IVF part of an index (inside pre-transforms), or None."""
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+
+
+def set_nprobe(index: faiss.Index, nprobe: Optional[int]) -> None:
+    ivf = _ivf(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = int(nprobe)
+
+
+# ---------------------------------------------------------------- key reads
+
+
+class KeyReader:
+    """Rows of ``Datastore.keys`` as float32, without keeping file pages resident.
+
+    Pages read through a memory map count towards the process's RSS until they
+    are unmapped, so streaming a whole store through one long-lived map would
+    grow RSS with the store.  This reader maps the key files itself and drops
+    the pages (``MADV_DONTNEED``; the OS page cache keeps them) after each read.
+    """
+
+    def __init__(self, keys):
+        parts = keys.parts if isinstance(keys, RowConcat) else [keys]
+        self._maps, self._parts = [], []
+        for part in parts:
+            if isinstance(part, np.memmap) and part.filename:
+                with open(part.filename, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps.append(mm)
+                part = np.frombuffer(mm, part.dtype, part.size, part.offset).reshape(part.shape)
+            self._parts.append(np.asarray(part))
+        self.offsets = np.cumsum([0] + [len(p) for p in self._parts])
+        self.size = int(self.offsets[-1])
+        self.dim = int(keys.shape[1])
+
+    def release(self) -> None:
+        for mm in self._maps:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Keys [lo, hi) as a new float32 array."""
+        out = np.empty((hi - lo, self.dim), np.float32)
+        for part, start in zip(self._parts, self.offsets[:-1]):
+            a, b = max(lo - start, 0), min(hi - start, len(part))
+            if a < b:
+                out[start + a - lo : start + b - lo] = part[a:b]
+        self.release()
+        return out
+
+    def chunks(self, batch: int, start: int = 0) -> Iterator[Tuple[int, int, np.ndarray]]:
+        for lo in range(start, self.size, batch):
+            hi = min(lo + batch, self.size)
+            yield lo, hi, self.rows(lo, hi)
+
+    def take(self, ids: np.ndarray, bar: Optional[tqdm] = None) -> np.ndarray:
+        """Keys at ``ids`` (any order) as a new float32 array."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")  # sorted reads are sequential on disk
+        out = np.empty((len(ids), self.dim), np.float32)
+        for b in range(0, len(ids), GATHER_BATCH):
+            sel = order[b : b + GATHER_BATCH]
+            batch = ids[sel]
+            which = np.searchsorted(self.offsets, batch, side="right") - 1
+            for p, part in enumerate(self._parts):
+                mask = which == p
+                if mask.any():
+                    out[sel[mask]] = part[batch[mask] - self.offsets[p]]
+            self.release()
+            if bar is not None:
+                bar.update(len(sel))
+        return out
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _check_gpu() -> int:
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise IndexBuildError(
+            "this faiss has no GPU support; install a GPU build (FAISS=gpu bash "
+            "scripts/install.sh, i.e. faiss-gpu-cu12) or drop --gpu"
+        )
+    ngpu = faiss.get_num_gpus()
+    if ngpu < 1:
+        raise IndexBuildError("faiss sees no GPU (check CUDA_VISIBLE_DEVICES) ; drop --gpu")
+    return ngpu
+
+
+def _to_gpus(index: faiss.Index, shard: bool = False) -> faiss.Index:
+    """A copy of ``index`` on all visible GPUs."""
+    co = faiss.GpuMultipleClonerOptions()
+    co.useFloat16 = True  # GPU IVF-PQ needs float16 lookup tables for large codes
+    co.shard = shard
+    return faiss.index_cpu_to_all_gpus(index, co=co)
+
+
+def _gpu_flat(ivf) -> faiss.Index:
+    """An exact flat index of the IVF's metric and dimension on all GPUs."""
+    return _to_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+
+
+class _GpuAssign:
+    """Runs the coarse assignment of ``index.add`` on GPUs, keeping a CPU index.
+
+    The GPU quantizer is swapped in around each ``add`` call only, so the index
+    can be checkpointed (written) at any point between calls.
+    """
+
+    def __init__(self, index: faiss.Index):
+        self.index = index
+        self.ivf = _ivf(index)
+        self.gpu_quantizer = None
+        if self.ivf is not None:
+            self.gpu_quantizer = _gpu_flat(self.ivf)
+            self.gpu_quantizer.add(self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist))
+
+    def add(self, x: np.ndarray) -> None:
+        if self.gpu_quantizer is None:
+            self.index.add(x)
+            return
+        cpu_quantizer = replace_ivf_quantizer(self.ivf, self.gpu_quantizer)
+        try:
+            self.index.add(x)
+        finally:
+            replace_ivf_quantizer(self.ivf, cpu_quantizer)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_index_atomic(index: faiss.Index, path: str) -> None:
+    tmp = path + ".tmp"
+    faiss.write_index(index, tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        for p in (path, path + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def read_index_meta(index_path: str) -> Dict:
+    """The sidecar metadata of a complete index; IndexBuildError if it is missing."""
+    index_path = str(index_path)
+    build = f"{PROG} --dstore DSTORE_DIR --output {index_path}"
+    if not os.path.isfile(index_path):
+        raise IndexBuildError(f"no index at {index_path}; build it with {build}")
+    if not os.path.exists(meta_path(index_path)):
+        raise IndexBuildError(
+            f"index {index_path} is incomplete (no {os.path.basename(meta_path(index_path))}); "
+            f"rebuild it with {build}"
+        )
+    with open(meta_path(index_path)) as f:
+        return json.load(f)
+
+
+def check_index_matches(meta: Dict, datastore: Datastore, index_path: str) -> None:
+    """IndexMismatchError unless ``meta`` describes an index of exactly this datastore."""
+    rebuild = f"rebuild it with {PROG} --dstore {datastore.path} --output {index_path} --overwrite"
+    if meta.get("datastore_fingerprint") != datastore.fingerprint:
+        built_for = meta.get("datastore_path")
+        other = "an earlier build of this datastore" if built_for == datastore.path else built_for
+        raise IndexMismatchError(
+            f"index {index_path} was built for another datastore ({other}); {rebuild}"
+        )
+    if meta.get("ntotal") != datastore.size or meta.get("dim") != datastore.dim:
+        raise IndexMismatchError(
+            f"index {index_path} holds {meta.get('ntotal')} keys of dim {meta.get('dim')} but "
+            f"datastore {datastore.path} has {datastore.size} of dim {datastore.dim}; {rebuild}"
+        )
+
+
+def _open_datastore(dstore) -> Datastore:
+    return dstore if isinstance(dstore, Datastore) else Datastore(str(dstore))
+
+
+def load_index(
+    index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False
+) -> Tuple[faiss.Index, Dict]:
+    """(index, metadata) of a complete index checked against ``datastore``.
+
+    Sets ``nprobe`` on IVF indexes; ``gpu`` copies the index to all visible
+    GPUs (sharded).  The metadata gains ``path``.
+    """
+    ds = _open_datastore(datastore)
+    index_path = os.path.abspath(str(index_path))
+    meta = read_index_meta(index_path)
+    check_index_matches(meta, ds, index_path)
+    index = faiss.read_index(index_path)
+    if index.ntotal != ds.size:
+        raise IndexMismatchError(
+            f"index {index_path} holds {index.ntotal} keys, its metadata and datastore "
+            f"{ds.path} say {ds.size}; rebuild it with {PROG} --dstore {ds.path} --overwrite"
+        )
+    set_nprobe(index, nprobe)
+    if gpu:
+        _check_gpu()
+        index = _to_gpus(index, shard=True)
+    return index, dict(meta, path=index_path)
+
+
+# ---------------------------------------------------------------- build
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if int(value) < minimum:
+        raise IndexBuildError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _check_output(output: str, datastore: Datastore, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a complete index or write where we can't."""
+    if os.path.isdir(output):
+        raise IndexBuildError(f"--output {output} is a directory; give a file path")
+    if os.path.isfile(output) and os.path.exists(meta_path(output)) and not overwrite:
+        try:
+            check_index_matches(read_index_meta(output), datastore, output)
+            why = "already holds a complete index of this datastore"
+        except ValueError:  # includes IndexMismatchError and unreadable JSON
+            why = "holds an index of another datastore"
+        raise IndexBuildError(
+            f"{output} {why}; pass --overwrite to rebuild it or choose another --output"
+        )
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise IndexBuildError(f"directory {parent} of --output does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise IndexBuildError(f"cannot write to {parent}; choose a writable --output")
+
+
+def _sample_ids(size: int, n: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(size, n, replace=False))
+
+
+def _call_with_clock(fn: Callable, desc: str, progress: bool):
+    """Run a long FAISS call (which releases the GIL) under a ticking tqdm clock."""
+    if not progress:
+        return fn()
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True)
+    with tqdm(desc=desc, bar_format="{desc}: {elapsed}", file=sys.stderr) as clock:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+            clock.refresh()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _train(index, reader: KeyReader, factory: str, n_train: int, seed: int,
+           gpu: bool, progress: bool) -> None:
+    ids = _sample_ids(reader.size, n_train, seed)
+    with tqdm(total=n_train, desc="train: read sample", unit="keys", unit_scale=True,
+              disable=not progress, file=sys.stderr) as bar:
+        x = reader.take(ids, bar)
+    ivf = _ivf(index)
+    if gpu and ivf is not None:
+        # k-means, the bulk of training, on all GPUs (the FAISS benchmarks' recipe);
+        # the local keeps the GPU index alive while FAISS points at it.
+        clustering_index = _gpu_flat(ivf)
+        ivf.clustering_index = clustering_index
+    try:
+        _call_with_clock(lambda: index.train(x), f"train: fit {factory} on {n_train} keys", progress)
+    except RuntimeError as e:
+        raise IndexBuildError(
+            f"training {factory} on {n_train} keys failed ({_faiss_message(e)}); "
+            "use a larger --train-size or a smaller index (fewer centroids)"
+        ) from None
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None
+
+
+def _resume(output: str, plan: Dict, log) -> Optional[Tuple[faiss.Index, Dict]]:
+    """The checkpointed index and state of an unfinished build with the same plan."""
+    part_index, part_state = partial_paths(output)
+    if not (os.path.exists(part_index) and os.path.exists(part_state)):
+        _remove(part_index, part_state)
+        return None
+    try:
+        with open(part_state) as f:
+            state = json.load(f)
+        changed = sorted(k for k, v in plan.items() if state.get(k) != v)
+        index = None if changed else faiss.read_index(part_index)
+    except (OSError, ValueError, RuntimeError):
+        changed, index = ["unreadable checkpoint"], None
+    if changed or index.ntotal > plan["datastore_size"]:
+        log(f"discarding the unfinished build at {part_index} (changed: {', '.join(changed)})")
+        _remove(part_index, part_state)
+        return None
+    log(f"resuming the build at {part_index}: {index.ntotal} of {plan['datastore_size']} keys already added")
+    return index, state
+
+
+def _add_keys(index, reader: KeyReader, add_batch: int, gpu: bool, progress: bool,
+              checkpoint: Callable[[], None], checkpoint_every: float,
+              on_chunk: Optional[Callable[[int], None]]) -> None:
+    add = _GpuAssign(index).add if gpu else index.add
+    last_checkpoint = time.monotonic()
+    with tqdm(total=reader.size, initial=index.ntotal, desc="add", unit="keys", unit_scale=True,
+              disable=not progress, file=sys.stderr) as bar:
+        try:
+            for lo, hi, x in reader.chunks(add_batch, start=index.ntotal):
+                # FAISS numbers added vectors ntotal, ntotal+1, ...: ids == positions.
+                assert index.ntotal == lo
+                add(x)
+                del x
+                bar.update(hi - lo)
+                if hi < reader.size and time.monotonic() - last_checkpoint >= checkpoint_every:
+                    checkpoint()
+                    last_checkpoint = time.monotonic()
+                if on_chunk is not None:
+                    on_chunk(hi)
+        except KeyboardInterrupt:
+            # FAISS calls are not interruptible, so the index is consistent here.
+            checkpoint()
+            raise
+
+
+def build_index(
+    dstore,
+    output: Optional[str] = None,
+    factory: Optional[str] = None,
+    train_size: int = 1_000_000,
+    add_batch: int = 500_000,
+    metric: str = "l2",
+    gpu: bool = False,
+    seed: int = 1,
+    eval_recall: int = 0,
+    nprobe: int = 32,
+    overwrite: bool = False,
+    checkpoint_every: float = 600.0,
+    progress: bool = True,
+    log: Callable[[str], None] = _log,
+    on_chunk: Optional[Callable[[int], None]] = None,
+) -> Dict:
+    """Build the index of a datastore and return its metadata.
+
+    ``factory`` None means the paper's IVF4096,PQ64 adapted to the store's size.
+    ``train_size`` larger than the store is clamped (with a message).  Adding
+    checkpoints to ``<output>.partial`` every ``checkpoint_every`` seconds and
+    on Ctrl-C; a rerun with the same settings resumes from there.
+    ``on_chunk(keys_added)`` is called after each added chunk (tests raise from
+    it to simulate a crash).
+    """
+    started = time.monotonic()
+    ds = _open_datastore(dstore)
+    if ds.size == 0:
+        raise IndexBuildError(f"datastore {ds.path} is empty; rebuild it on some text")
+    if metric not in METRICS:
+        raise IndexBuildError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    _positive("--train-size", train_size)
+    _positive("--add-batch", add_batch)
+    _positive("--eval-recall", eval_recall, minimum=0)
+    _positive("--nprobe", nprobe)
+    output = os.path.abspath(str(output or default_index_path(ds.path)))
+    _check_output(output, ds, overwrite)
+    if gpu:
+        _check_gpu()
+
+    n_train = int(train_size)
+    if n_train > ds.size:
+        log(f"--train-size {train_size} exceeds the datastore's {ds.size} keys; training on all of them")
+        n_train = ds.size
+    if factory is None:
+        factory, note = default_factory(n_train, ds.dim)
+        if note:
+            log(note)
+    index = make_index(ds.dim, factory, metric)
+    if index.is_trained:
+        n_train = 0  # e.g. Flat: nothing to train
+    nlist = _ivf(index).nlist if _ivf(index) is not None else 0
+    if n_train < nlist:
+        raise IndexBuildError(
+            f"{factory} has {nlist} centroids but only {n_train} training keys are available "
+            f"(FAISS wants {MIN_POINTS_PER_CENTROID} per centroid); use fewer centroids"
+        )
+
+    plan = dict(
+        format_version=FORMAT_VERSION, factory=factory, metric=metric, dim=ds.dim,
+        datastore_fingerprint=ds.fingerprint, datastore_size=ds.size,
+        train_size=n_train, seed=int(seed),
+    )
+    log(f"index {factory} ({metric}) of {ds.size} keys x {ds.dim} from {ds.path} -> {output}")
+    reader = KeyReader(ds.keys)
+    part_index, part_state = partial_paths(output)
+    resumed = _resume(output, plan, log)
+    if resumed:
+        index, state = resumed
+        state["resumed"] = state.get("resumed", 0) + 1
+    else:
+        t0 = time.monotonic()
+        if n_train:
+            _train(index, reader, factory, n_train, seed, gpu, progress)
+        state = dict(plan, train_seconds=round(time.monotonic() - t0, 3), add_seconds=0.0, resumed=0)
+
+    add_started, add_before = time.monotonic(), state["add_seconds"]
+
+    def checkpoint():
+        state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
+        _write_index_atomic(index, part_index)
+        _write_json_atomic(part_state, state)
+
+    if not resumed:
+        checkpoint()  # training can take hours: never redo it
+    _add_keys(index, reader, add_batch, gpu, progress, checkpoint, checkpoint_every, on_chunk)
+    state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
+
+    set_nprobe(index, nprobe)  # saved with the index, used by --eval-recall
+    meta = dict(
+        plan,
+        ntotal=int(index.ntotal),
+        datastore_path=ds.path,
+        keys_dtype=str(ds.keys.dtype),
+        add_batch=int(add_batch),
+        nprobe=int(nprobe) if _ivf(index) is not None else None,
+        train_seconds=state["train_seconds"],
+        add_seconds=state["add_seconds"],
+        resumed=state["resumed"],
+        gpu=bool(gpu),
+        faiss_version=faiss.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    if eval_recall:
+        t0 = time.monotonic()
+        meta["recall"] = evaluate_recall(index, reader, eval_recall, metric, seed, progress)
+        meta["recall"]["seconds"] = round(time.monotonic() - t0, 3)
+        log(format_recall(meta["recall"]))
+    meta["build_seconds"] = round(time.monotonic() - started, 3)
+    _finish(index, meta, output)
+    log(f"wrote {output} ({index.ntotal} keys) and {os.path.basename(meta_path(output))}")
+    return meta
+
+
+def _finish(index: faiss.Index, meta: Dict, output: str) -> None:
+    """Index into place atomically, then the sidecar (last: it marks completion)."""
+    part_index, part_state = partial_paths(output)
+    _remove(meta_path(output))  # an old sidecar must never vouch for the new index
+    _write_index_atomic(index, output)
+    _write_json_atomic(meta_path(output), meta)
+    _remove(part_index, part_state)
+
+
+# ---------------------------------------------------------------- recall
+
+
+def _exact_scores(queries: np.ndarray, keys: np.ndarray, metric: str) -> np.ndarray:
+    """(n, k) exact L2 distances (lower is better) or inner products, in float64."""
+    q = queries[:, None, :].astype(np.float64)
+    if metric == "l2":
+        return ((keys.astype(np.float64) - q) ** 2).sum(-1)
+    return (keys.astype(np.float64) * q).sum(-1)
+
+
+def evaluate_recall(index: faiss.Index, reader: KeyReader, n_queries: int, metric: str,
+                    seed: int = 1, progress: bool = False, ks=RECALL_KS) -> Dict:
+    """recall@k of ``index`` against exact search, stored keys as queries.
+
+    recall@k is the fraction of the exact k nearest keys that the index
+    returns in its top k.  A returned key tied with the exact k-th distance
+    counts as found (stores can hold duplicate keys, whose order is arbitrary).
+    """
+    n = min(int(n_queries), reader.size)
+    ks = [k for k in ks if k <= reader.size]
+    kmax = max(ks)
+    ids = np.random.default_rng([seed, 1]).choice(reader.size, n, replace=False)
+    xq = reader.take(ids)
+    blocks = (x for _, _, x in reader.chunks(GATHER_BATCH))
+    _, true_ids = _call_with_clock(
+        lambda: knn_ground_truth(xq, blocks, kmax, metric_type=METRICS[metric]),
+        f"recall: exact search for {n} queries", progress)
+    _, found_ids = index.search(xq, kmax)
+    hits = {k: 0 for k in ks}
+    better = np.less_equal if metric == "l2" else np.greater_equal
+    for b in range(0, n, 64):
+        q = xq[b : b + 64]
+        t, f = true_ids[b : b + 64], found_ids[b : b + 64]
+        true_s = _exact_scores(q, reader.take(t.reshape(-1)).reshape(t.shape + (-1,)), metric)
+        found_s = _exact_scores(q, reader.take(np.maximum(f, 0).reshape(-1)).reshape(f.shape + (-1,)), metric)
+        true_s = np.sort(true_s, axis=1) if metric == "l2" else -np.sort(-true_s, axis=1)
+        for k in ks:
+            kth = true_s[:, k - 1 : k]
+            ok = better(found_s[:, :k], kth) & (f[:, :k] >= 0)
+            hits[k] += int(ok.sum())
+    ivf = _ivf(index)
+    return dict(queries=n, nprobe=ivf.nprobe if ivf is not None else None,
+                **{f"recall@{k}": round(hits[k] / (n * k), 4) for k in ks})
+
+
+def format_recall(recall: Dict) -> str:
+    values = " ".join(f"{k} {v:.4f}" for k, v in recall.items() if k.startswith("recall@"))
+    probe = f", nprobe {recall['nprobe']}" if recall.get("nprobe") else ""
+    return f"{values} ({recall['queries']} stored keys as queries{probe})"
