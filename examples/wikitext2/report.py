@@ -269,7 +269,9 @@ def write_report(results, work, report_dir):
     stages = results.get("stages", {})
     rows = []
     for name, what in STAGE_ROWS:
-        if name in stages:
+        if name in stages and stages[name].get("seconds") is None:
+            rows.append([name, what, "outputs found complete (made separately, not timed)", "–"])
+        elif name in stages:
             rows.append([name, what, f"{stages[name]['seconds']:.0f}", f"{stages[name]['seconds'] / 60:.1f}"])
         else:
             rows.append([name, what, "not run", "–"])
@@ -304,13 +306,13 @@ def plot_lines(path, title, xlabel, xs, series, base, logx=False):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    colors = {}
+    palette = {"faiss": "tab:blue", "l2": "tab:green"}
     for label, ys in series.items():
         ys = [np.nan if y is None else y for y in ys]
-        split = label.split()[0]
-        style = "-" if split != "test" else "--"
-        ax.plot(xs, ys, style, marker="o", markersize=4, label=label)
-        colors[split] = ax.lines[-1].get_color()
+        words = label.split()
+        style = "--" if words[0] == "test" else "-"
+        color = next((c for name, c in palette.items() if name in words), None)
+        ax.plot(xs, ys, style, marker="o", markersize=4, label=label, color=color)
     for split, stat in base.items():
         if stat and "ppl" in stat:
             ax.axhline(stat["ppl"], color="gray", linestyle=":" if split == "test" else "-.", linewidth=1,

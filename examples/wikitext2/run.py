@@ -165,6 +165,9 @@ class Pipeline:
             return
         if done():
             log(f"stage {name}: outputs complete, skipped")
+            if name not in self.results["stages"]:  # made outside this script: not timed here
+                self.results["stages"][name] = dict(seconds=None, note="outputs found complete")
+                self.save()
             return
         log(f"stage {name}")
         started = time.time()
