@@ -401,3 +401,69 @@ def test_adaptive_lambda_is_fit_on_one_split_and_reported_on_the_other(tmp_path,
     chosen = next(r for r in ad2["signals"] if r["signal"] == ad2["chosen"])
     assert ad2["beats_fixed"] == (chosen["eval_ppl"] < ad2["fixed_eval_ppl"])
     assert ("does not beat" in out) == (not ad2["beats_fixed"])
+
+
+# ------------------------------------------- against fairseq-eval-lm itself
+def eval_lm_in_process(data_bin, checkpoint, *flags):
+    """Run the stock fairseq-eval-lm main() in this process; its results dict has the
+    perplexity at full float precision (the log line rounds it to 2 decimals)."""
+    import fairseq_cli.eval_lm as eval_lm_module
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR
+
+    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", "valid",
+            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
+            "--cpu", "--max-tokens", "4096", "--num-workers", "0", "--no-progress-bar",
+            "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *map(str, flags)]
+    scorer = eval_lm_module.SequenceScorer
+    try:
+        args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
+        results = eval_lm_module.main(convert_namespace_to_omegaconf(args))
+    finally:
+        eval_lm_module.SequenceScorer = scorer  # the task swaps in its scorer
+    return float(results["loss"]), float(results["perplexity"])
+
+
+@pytest.fixture(scope="module")
+def sweep_flat_index(tiny_datastore):
+    from conftest import run
+
+    output = tiny_datastore / "sweep-flat.index"
+    if not output.exists():
+        run(["fairseq-knnlm-build-index", "--dstore", tiny_datastore, "--index-factory", "Flat",
+             "--output", output])
+    return output
+
+
+def test_swept_perplexity_equals_fairseq_eval_lm_runs(tmp_path, data_bin, tiny_lm, tiny_datastore,
+                                                      sweep_flat_index, capsys):
+    """The issue's exactness promise: any grid point = a full eval-lm run with those flags."""
+    from fairseq_knnlm.datastore import Datastore
+
+    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", sweep_flat_index]
+    nbdir = tmp_path / "valid.nbrs"
+    saved = eval_lm_in_process(data_bin, tiny_lm, *knn, "--k", 16, "--knn-temp", 5, "--lmbda", 0.25,
+                               "--knn-save-neighbors", nbdir)
+    nb = read_neighbors(nbdir)
+    assert nb.k == 16 and nb.n > 1000 and nb.meta["split"] == "valid"
+    assert nb.meta["dstore_fingerprint"] == Datastore(tiny_datastore).fingerprint
+    assert nb.meta["sim_func"] == "faiss" and nb.meta["dictionary_md5"]
+
+    code, out, err = run_cli([nbdir, "--k", "4,16", "--knn-temp", "1,5", "--lmbda", "0,0.25,1",
+                              "--json", tmp_path / "r.json", "--no-plots", "--quiet"], capsys)
+    assert code == 0, err
+    report = json.load(open(tmp_path / "r.json"))
+    ppl, loss = np.array(report["perplexity"]), np.array(report["loss"])
+    assert ppl[1, 1, 1] == pytest.approx(saved[1], rel=1e-6)
+    assert loss[1, 1, 1] == pytest.approx(saved[0], rel=1e-6)
+    # Other grid points, each against its own full run: fewer neighbours than saved,
+    # another temperature, λ = 0 and λ = 1 (where eval-lm skips tokens no neighbour predicts).
+    for (ki, ti, li), (k, temp, lmbda) in (((0, 0, 1), (4, 1, 0.25)), ((1, 0, 0), (16, 1, 0)),
+                                           ((1, 1, 2), (16, 5, 1))):
+        run_loss, run_ppl = eval_lm_in_process(data_bin, tiny_lm, *knn, "--k", k, "--knn-temp", temp,
+                                               "--lmbda", lmbda)
+        assert ppl[ki, ti, li] == pytest.approx(run_ppl, rel=1e-6), (k, temp, lmbda)
+        assert loss[ki, ti, li] == pytest.approx(run_loss, rel=1e-6), (k, temp, lmbda)
+    assert np.array(report["skipped"])[1, 1, 2] > 0
