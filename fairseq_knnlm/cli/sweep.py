@@ -121,7 +121,7 @@ def load_dictionary(path: str, meta: dict):
     return dictionary
 
 
-def frequency_counts(path: str, meta: dict, dictionary_path: str, out):
+def frequency_counts(path: str, meta: dict, out):
     """(counts per token id, description)."""
     if os.path.isdir(path):
         from ..datastore import Datastore, DatastoreError
@@ -287,8 +287,9 @@ def run(args, out=None) -> dict:
     change = 100.0 * (b["ppl"] / res.base.ppl - 1)
     print(f"\nbase LM (λ = 0): perplexity {fmt_ppl(res.base.ppl)}, loss {res.base.loss:.4f} "
           f"over {res.base.count:,} tokens", file=out)
+    skipped = f"; {b['skipped']:,} tokens skipped (probability 0)" if b["skipped"] else ""
     print(f"best: --k {b['k']} --knn-temp {b['knn_temp']:g} --lmbda {b['lmbda']:g}: "
-          f"perplexity {fmt_ppl(b['ppl'])} ({change:+.2f}%), loss {b['loss']:.4f}", file=out)
+          f"perplexity {fmt_ppl(b['ppl'])} ({change:+.2f}%), loss {b['loss']:.4f}{skipped}", file=out)
     report = dict(file=nb.path, tokens=nb.n, saved_k=nb.k, meta=meta, ks=ks, knn_temps=temps, lambdas=lambdas,
                   perplexity=res.ppl.tolist(), loss=res.loss.tolist(), skipped=res.skipped.tolist(),
                   base=vars(res.base), best=b)
@@ -296,14 +297,17 @@ def run(args, out=None) -> dict:
     final = sw.interpolated(lm, table.knn_log_probs[best[0], best[1]], b["lmbda"])
     targets = np.asarray(nb.targets)
     if args.freq_from:
-        counts, source = frequency_counts(args.freq_from, meta, args.dict, out)
+        counts, source = frequency_counts(args.freq_from, meta, out)
         rows = sw.frequency_buckets(targets, lm, final, counts, freq_edges)
         print(f"\nby target frequency ({source}); perplexity = exp(mean NLL) per bucket", file=out)
         print(f"  {'frequency':>14s} {'tokens':>9s} {'share':>7s} {'base LM':>11s} {'kNN-LM':>11s} {'change':>8s}",
               file=out)
         for r in rows:
             share = 100.0 * r.tokens / nb.n
-            rel = 100.0 * (r.knn_ppl / r.base_ppl - 1) if r.tokens else float("nan")
+            if not r.tokens:
+                print(f"  {r.label:>14s} {0:>9,d} {share:>6.1f}% {'-':>11s} {'-':>11s} {'-':>8s}", file=out)
+                continue
+            rel = 100.0 * (r.knn_ppl / r.base_ppl - 1)
             skip = f"  ({r.knn_skipped} skipped)" if r.knn_skipped else ""
             print(f"  {r.label:>14s} {r.tokens:>9,d} {share:>6.1f}% {fmt_ppl(r.base_ppl):>11s} "
                   f"{fmt_ppl(r.knn_ppl):>11s} {rel:>+7.2f}%{skip}", file=out)
