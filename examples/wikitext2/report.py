@@ -79,7 +79,11 @@ def write_report(results, work, report_dir):
     report_dir.mkdir(parents=True, exist_ok=True)
     md, plots = [], {}
     cfg = results.get("config", {})
-    base = results.get("baseline", {})
+    base = dict(results.get("baseline", {}))
+    for split in ("valid", "test"):  # without the baseline stage: λ = 0 of the sweep is the same LM
+        sw = results.get(f"sweep_{split}", {}).get("faiss")
+        if split not in base and sw:
+            base[split] = dict(sw["base"], from_sweep=True)
     chosen = results.get("chosen", {})
     sv, st = results.get("sweep_valid", {}), results.get("sweep_test", {})
     kt = results.get("knn_test", {})

@@ -110,6 +110,10 @@ class Pipeline:
     def __init__(self, args):
         self.args = args
         self.cfg = dict(TINY if args.tiny else FULL)
+        for key in ("dstore_context", "eval_context", "max_tokens", "ivfpq_factory", "ivfpq_train",
+                    "subset_tokens"):
+            if getattr(args, key) is not None:
+                self.cfg[key] = getattr(args, key)
         self.work = Path(args.workdir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(exist_ok=True)
@@ -580,6 +584,12 @@ def parse_args(argv=None):
     p.add_argument("--hours", type=float, default=0.6, help="training budget of train.sh (full mode)")
     p.add_argument("--k", type=int, default=1024, help="neighbours retrieved (default: %(default)s)")
     p.add_argument("--probe", type=int, default=32, help="IVF lists searched (default: %(default)s)")
+    p.add_argument("--dstore-context", type=int, help="context window of the datastore pass (default: full 256, tiny 64)")
+    p.add_argument("--eval-context", type=int, help="context window of every evaluation (default: full 256, tiny 64)")
+    p.add_argument("--max-tokens", type=int, help="fairseq-eval-lm --max-tokens (default: full 2048, tiny 4096)")
+    p.add_argument("--ivfpq-factory", help="IVF-PQ index (default: full IVF1024,PQ32, tiny IVF128,PQ16)")
+    p.add_argument("--ivfpq-train", type=int, help="keys to train the IVF-PQ index on (default: 250000)")
+    p.add_argument("--subset-tokens", type=int, help="valid tokens for the Flat comparison (default: full 3000, tiny 1000)")
     p.add_argument("--report-dir", help="where tables and plots go (default: WORKDIR/report)")
     p.add_argument("--skip", default="", help=f"comma-separated stages not to run, of: {', '.join(STAGES[3:-1])}")
     args = p.parse_args(argv)
