@@ -189,10 +189,6 @@ def default_chunk_rows(k: int) -> int:
     return max(64, (1 << 21) // max(k, 1))
 
 
-def default_chunk_rows(k: int) -> int:
-    return max(64, (1 << 21) // max(k, 1))
-
-
 def default_threads() -> int:
     return max(1, min(4, torch.get_num_threads()))
 
@@ -366,7 +362,7 @@ class SweepResult:
 def sweep(lm_log_probs: np.ndarray, table: KnnTable, lambdas: Sequence[float],
           segments: np.ndarray) -> SweepResult:
     """Perplexity for every (k, T, λ): one interpolation per cell, no re-reading."""
-    lm = np.ascontiguousarray(lm_log_probs, dtype=np.float32)
+    lm = np.array(lm_log_probs, dtype=np.float32)  # a writable copy, not the memory map
     starts = segment_starts(segments, len(lm))
     shape = (len(table.ks), len(table.temps), len(lambdas))
     ppl, loss = np.empty(shape), np.empty(shape)
@@ -560,8 +556,8 @@ def _adaptive_comparison(fit_lm, fit_table: KnnTable, fit_segments, fit_result: 
     Everything that is chosen (the fixed setting, each signal's k, T and
     bucket λs, and which signal to report) is chosen on the fit split only.
     """
-    fit_lm = np.asarray(fit_lm, dtype=np.float32)
-    eval_lm = np.asarray(eval_lm, dtype=np.float32)
+    fit_lm = np.array(fit_lm, dtype=np.float32)
+    eval_lm = np.array(eval_lm, dtype=np.float32)
     fit_starts = segment_starts(fit_segments, len(fit_lm))
     eval_starts = segment_starts(eval_segments, len(eval_lm))
     best = fit_result.best()

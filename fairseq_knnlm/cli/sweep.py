@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--adaptive-fit", metavar="FIT_FILE",
                    help="neighbours saved on another split (e.g. valid): fit per-bucket λ there, report on FILE")
     d.add_argument("--adaptive-signals", default=",".join(sw.SIGNALS),
-                   help="signals to try (default: %(default)s)")
+                   help="signals to try, none of which looks at the target: "
+                   + "; ".join(f"{k}: {v}" for k, v in sw.SIGNAL_HELP.items()) + " (default: all)")
     d.add_argument("--adaptive-buckets", type=int, default=8, help="quantile buckets per signal (default: %(default)s)")
     x = p.add_argument_group("computation")
     x.add_argument("--exact-math", action="store_true",
