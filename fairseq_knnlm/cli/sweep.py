@@ -268,6 +268,10 @@ def run(args, out=None) -> dict:
     freq_edges = sw.parse_grid(args.freq_edges, "--freq-edges", cast=int) if args.freq_edges else None
     if freq_edges is not None and (freq_edges != sorted(freq_edges) or freq_edges[0] != 0):
         raise sw.SweepError("--freq-edges must be increasing and start at 0, e.g. 0,1,10,100")
+    freq = frequency_counts(args.freq_from, meta, out) if args.freq_from else None
+    prefix = args.plot_prefix or nb.path.rstrip("/")
+    if not args.no_plots and not os.access(os.path.dirname(os.path.abspath(prefix)), os.W_OK):
+        raise sw.SweepError(f"cannot write plots next to {prefix}; pass --plot-prefix or --no-plots")
 
     print(f"{nb.path}: {nb.n:,} tokens, {nb.k} neighbours each, sim func {meta.get('sim_func', '?')}, "
           f"split {meta.get('split', '?')}", file=out)
@@ -297,8 +301,8 @@ def run(args, out=None) -> dict:
 
     final = sw.interpolated(lm, table.knn_log_probs[best[0], best[1]], b["lmbda"])
     targets = np.asarray(nb.targets)
-    if args.freq_from:
-        counts, source = frequency_counts(args.freq_from, meta, out)
+    if freq is not None:
+        counts, source = freq
         rows = sw.frequency_buckets(targets, lm, final, counts, freq_edges)
         print(f"\nby target frequency ({source}); perplexity = exp(mean NLL) per bucket", file=out)
         print(f"  {'frequency':>14s} {'tokens':>9s} {'share':>7s} {'base LM':>11s} {'kNN-LM':>11s} {'change':>8s}",
@@ -346,7 +350,6 @@ def run(args, out=None) -> dict:
                                      lm, table, nb.segments, res, lambdas, args.adaptive_buckets, signals)
         report["adaptive"] = print_adaptive(rep, fit, nb, out)
     if not args.no_plots:
-        prefix = args.plot_prefix or nb.path.rstrip("/")
         try:
             paths = save_plots(res, best, prefix)
         except OSError as e:
