@@ -12,6 +12,7 @@ a Markdown table row for docs/BENCHMARKS.md.
 """
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -44,6 +45,12 @@ def build_index(dstore, factory):
         cmd = ["fairseq-knnlm-build-index", "--dstore", dstore, "--output", index]
         run_quiet(cmd + (["--index-factory", factory] if factory else []))
     return index
+
+
+def index_factory(index: Path) -> str:
+    """The factory string the build tool recorded next to the index."""
+    meta = Path(f"{index}.meta.json")
+    return json.loads(meta.read_text()).get("factory", "?") if meta.exists() else "?"
 
 
 def read_prompts(path: Path, n: int, words: int):
@@ -143,6 +150,9 @@ def main():
     knn_seconds = sum(s for s, _ in results["knn"])
     steps = clock.calls / args.repeats
 
+    factory = index_factory(index)
+    if "IVF" in factory:
+        factory += f", nprobe {args.probe}"
     mode = f"sampling top-{args.topk}" if args.sampling else f"beam {args.beam}"
     print(f"machine: {machine()}, torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
@@ -152,7 +162,7 @@ def main():
     print("| datastore keys | index | k | λ | prompts × hypotheses | new tokens each | decoding "
           "| plain tok/s | kNN-LM tok/s | kNN-LM / plain | searches per batch | search share of kNN-LM time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {knn.task.datastore.size:,} | {args.index_factory or 'default'} | {args.k} | {args.lmbda} "
+    print(f"| {knn.task.datastore.size:,} | {factory} | {args.k} | {args.lmbda} "
           f"| {len(prompts)} × {args.beam} | {args.new_tokens} | {mode} | {tps['plain']:,.0f} "
           f"| {tps['knn']:,.0f} | {tps['knn'] / tps['plain']:.3f} | {steps:.0f} "
           f"| {clock.seconds / knn_seconds:.0%} |")

@@ -14,6 +14,7 @@ during incremental decoding that is only the new step of every hypothesis,
 and those rows are searched in one FAISS call per step.
 """
 
+import math
 import os
 import types
 from typing import Optional
@@ -61,11 +62,25 @@ def knnlm_log_probs(
     found nothing) has no kNN distribution, so it keeps the LM's: generation
     needs every row to sum to 1.
     """
-    vocab = lm_log_probs.size(-1)
-    knn_lp = knn_math.knn_vocab_log_probs(dists, vals, vocab, temperature)
-    mixed = knn_math.interpolate(lm_log_probs, knn_lp, lmbda)
+    if lmbda == 0:
+        return lm_log_probs
+    lm = lm_log_probs.float()
+    # p_kNN is zero outside the (at most k) neighbour tokens, so the mixture is
+    # log(1-λ) + log p_LM everywhere else; only the neighbour tokens need a
+    # logaddexp.  This avoids a log and a logaddexp over the whole vocabulary
+    # at every decoding step.
+    knn_p = lm.new_zeros(lm.shape)  # the full-vocabulary kNN distribution
+    weights = knn_math.neighbor_log_weights(dists, temperature).exp().masked_fill(vals < 0, 0.0)
+    tokens = vals.long().clamp(min=0)
+    knn_p.scatter_add_(-1, tokens, weights)
+    log_keep = math.log1p(-lmbda) if lmbda < 1 else -math.inf
+    mixed = lm + log_keep
+    at_tokens = torch.logaddexp(
+        lm.gather(-1, tokens) + log_keep, knn_p.gather(-1, tokens).log() + math.log(lmbda)
+    )
+    mixed.scatter_(-1, tokens, at_tokens)  # repeated tokens write the same value
     found = (vals >= 0).any(dim=-1, keepdim=True)
-    return torch.where(found, mixed, lm_log_probs)
+    return torch.where(found, mixed, lm).to(lm_log_probs.dtype)
 
 
 # ------------------------------------------------------------------- the keys

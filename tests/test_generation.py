@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from fairseq.models.transformer_lm import TransformerLanguageModel
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from conftest import USER_DIR, eval_lm, run
 from fairseq_knnlm.generation import (
     GenerationError,
+    StepKeys,
     attach_knnlm,
     detach_knnlm,
     from_pretrained,
@@ -24,6 +25,8 @@ from fairseq_knnlm.generation import (
     knnlm_task_overrides,
     search_count,
 )
+from fairseq_knnlm import knn_math
+from fairseq_knnlm.keys import KEYTYPES, KeyCapture
 from fairseq_knnlm.scorer import KNNSequenceScorer
 
 K, LMBDA, KNN_TEMP = 16, 0.5, 1.0
@@ -91,14 +94,45 @@ def test_distribution_sums_to_one_even_with_missing_neighbours():
     vals = torch.randint(0, vocab, (3, k))
     dists[1, 4:], vals[1, 4:] = math.inf, -1  # partly filled
     dists[2], vals[2] = math.inf, -1  # nothing found
+    vals[0, 1] = vals[0, 0]  # a token two neighbours vote for
     for lmbda in (0.0, 0.3, 1.0):
         mixed = knnlm_log_probs(lm, dists, vals, lmbda, temperature=2.0)
         assert torch.allclose(mixed.exp().sum(-1), torch.ones(3), atol=1e-5)
         assert torch.equal(mixed[2], lm[2])  # no neighbours: the LM alone
+        # The sparse update equals the dense formula of knn_math.
+        dense = knn_math.interpolate(lm, knn_math.knn_vocab_log_probs(dists, vals, vocab, 2.0), lmbda)
+        assert torch.allclose(mixed[:2], dense[:2], atol=1e-6)
     # λ = 1 is the neighbour weights scattered onto their tokens.
     weights = torch.softmax(-dists[0] / 2.0, -1)
     expected = torch.zeros(vocab).index_add_(0, vals[0], weights)
     assert torch.allclose(knnlm_log_probs(lm, dists, vals, 1.0, 2.0)[0].exp(), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the keys
+def test_incremental_step_keys_equal_the_datastore_keys(plain_hub):
+    """Token by token, the hooks see the same keys a datastore pass stores, for both
+    key types, with adaptive softmax (the tiny LM) and with a plain output projection."""
+    cfg = TransformerLanguageModelConfig(
+        decoder_layers=2, decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2,
+        decoder_input_dim=16, decoder_output_dim=16, tokens_per_sample=64, max_target_positions=64,
+    )
+    untrained = TransformerLanguageModel.build_model(cfg, plain_hub.task).eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(4, 100, (3, 7))
+    for model in (plain_hub.models[0], untrained):
+        for keytype in KEYTYPES:
+            capture = KeyCapture(model, keytype)
+            with torch.no_grad():
+                expected = capture.keys(model(tokens, features_only=True)[0])
+            capture.remove()
+            step_keys, state, got = StepKeys(model, keytype), {}, []
+            with torch.no_grad():
+                for t in range(tokens.size(1)):
+                    out = model.decoder(tokens[:, : t + 1], incremental_state=state)
+                    out[0].div_(2.0)  # as SequenceGenerator applies its temperature, in place
+                    got.append(step_keys.take(3, 1))
+            step_keys.remove()
+            assert torch.allclose(torch.cat(got, 1), expected, atol=1e-5), (type(model.decoder), keytype)
 
 
 # ----------------------------------------------- generation vs. evaluation
