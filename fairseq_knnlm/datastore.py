@@ -91,7 +91,7 @@ class DatastoreWriter:
     """
 
     def __init__(self, final_dir: str, dim: int, keys_dtype, overwrite: bool = False):
-        self.final_dir = os.path.abspath(final_dir.rstrip("/"))
+        self.final_dir = os.path.abspath(os.fspath(final_dir).rstrip("/"))
         self.dim = int(dim)
         self.keys_dtype = np.dtype(keys_dtype)
         self.overwrite = overwrite
@@ -159,7 +159,7 @@ class DatastoreWriter:
 
 def check_can_write(final_dir: str, overwrite: bool) -> None:
     """Refuse, before any work is done, to clobber a store or write where we can't."""
-    final_dir = os.path.abspath(final_dir.rstrip("/"))
+    final_dir = os.path.abspath(os.fspath(final_dir).rstrip("/"))
     if os.path.exists(os.path.join(final_dir, META_FILE)) and not overwrite:
         raise DatastoreError(
             f"{final_dir} already holds a complete datastore; pass "

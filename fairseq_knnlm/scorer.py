@@ -9,13 +9,14 @@ plain evaluation that normalises over the context window too.
 """
 
 import logging
+import os
 import sys
 
 import numpy as np
 import torch
 
 from . import knn_math
-from .datastore import DatastoreWriter
+from .datastore import DatastoreWriter, shard_dirname
 from .errors import UserError
 from .keys import KeyCapture
 
@@ -41,7 +42,11 @@ def lm_target_log_probs(model, features, extra, targets, chunk: int) -> torch.Te
         feats = features[s : s + chunk].unsqueeze(0)
         tgt = targets[s : s + chunk].unsqueeze(0)
         logits = model.decoder.output_layer(feats)
-        lprobs = model.get_normalized_probs((logits, extra), log_probs=True, sample={"target": tgt})
+        # The class method: a model attached for generation (generation.py)
+        # has a kNN-LM get_normalized_probs on the instance.
+        lprobs = type(model).get_normalized_probs(
+            model, (logits, extra), log_probs=True, sample={"target": tgt}
+        )
         out.append(lprobs.gather(-1, tgt.unsqueeze(-1)).view(-1).float())
     return torch.cat(out) if out else features.new_zeros(0)
 
@@ -85,7 +90,7 @@ class KNNSequenceScorer:
             self._write_dstore(queries, targets)
             scores = lm_lp
         else:
-            scores = self._knn_scores(queries, targets, lm_lp)
+            scores = self._knn_scores(queries, targets, lm_lp, mask.sum(dim=1))
         self.tokens += targets.numel()
         return self._hypos(mask, keep_rows, targets, scores)
 
@@ -122,16 +127,16 @@ class KNNSequenceScorer:
         )
 
     # ------------------------------------------------------------ kNN-LM
-    def _knn_scores(self, queries, targets, lm_lp):
+    def _knn_scores(self, queries, targets, lm_lp, row_lengths):
         if self.args.lmbda == 0 and self.args.knn_save_neighbors is None:
             return lm_lp  # λ = 0 is the plain LM: skip the search entirely
         dists, vals = self.task.retriever.search(queries)
         knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp)
         if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals)
+            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths)
         return knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
 
-    def _write_neighbors(self, targets, lm_lp, dists, vals):
+    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths):
         if self.neighbors_writer is None:
             from .neighbors import NeighborsWriter
 
@@ -148,8 +153,11 @@ class KNNSequenceScorer:
                 shard_id=self.task.shard_id,
                 num_shards=self.task.num_shards,
             )
+            path = self.args.knn_save_neighbors
+            if self.task.num_shards > 1:
+                path = os.path.join(path, shard_dirname(self.task.shard_id, self.task.num_shards))
             self.neighbors_writer = NeighborsWriter(
-                self.args.knn_save_neighbors,
+                path,
                 self.args.k,
                 info,
                 fp16_dists=self.args.knn_save_neighbors_fp16,
@@ -159,6 +167,8 @@ class KNNSequenceScorer:
             lm_lp.cpu().numpy(),
             dists.cpu().numpy(),
             vals.to(torch.int32).cpu().numpy(),
+            # eval-lm sums scores per sequence in float32; the sweep repeats that exactly.
+            lengths=row_lengths.cpu().numpy(),
         )
 
     # ------------------------------------------------------------ the end

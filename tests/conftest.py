@@ -22,7 +22,7 @@ SLICE_BYTES = {"train": 400_000, "valid": 40_000, "test": 40_000}
 TOKENS_PER_SAMPLE = 128
 CONTEXT_WINDOW = 64
 
-PPL_RE = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
+PPL_RE = re.compile(r"Loss \(base 2\): (-?[0-9.]+), Perplexity: ([0-9.]+)")
 
 
 def run(cmd, check=True, **kwargs):

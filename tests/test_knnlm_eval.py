@@ -33,9 +33,13 @@ def valid_queries(artefacts, data_bin, tiny_lm):
 WORD_PROB = re.compile(r"\S+ \[(-?[0-9.]+|-?inf)\]")
 
 
+WORD_PROB_LINE = re.compile(r"fairseq_cli\.eval_lm:\d+ (.*)$", re.M)
+
+
 def word_log_probs(output):
     """Per-token natural-log probabilities printed by --output-word-probs, in order."""
-    return np.array([float(x) for x in WORD_PROB.findall(output)])
+    lines = WORD_PROB_LINE.findall(output)
+    return np.array([float(x) for line in lines for x in WORD_PROB.findall(line)])
 
 
 def knnlm(data_bin, tiny_lm, dstore, index, *flags, check=True):
