@@ -230,11 +230,18 @@ def _check_gpu() -> int:
 
 
 def _to_gpus(index: faiss.Index, shard: bool = False) -> faiss.Index:
-    """A copy of ``index`` on all visible GPUs."""
+    """A copy of ``index`` on all visible GPUs (``shard``: split, not replicated)."""
     co = faiss.GpuMultipleClonerOptions()
-    co.useFloat16 = True  # GPU IVF-PQ needs float16 lookup tables for large codes
+    # GPU IVF-PQ needs float16 lookup tables for large codes; for flat
+    # storage the option would round the vectors, so it stays off there.
+    co.useFloat16 = isinstance(_ivf(index), faiss.IndexIVFPQ)
     co.shard = shard
-    return faiss.index_cpu_to_all_gpus(index, co=co)
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=co)
+    except RuntimeError as e:
+        raise IndexBuildError(
+            f"FAISS cannot put this index on GPUs ({_faiss_message(e)}); use it on the CPU"
+        ) from None
 
 
 def _gpu_flat(ivf) -> faiss.Index:
@@ -400,9 +407,11 @@ def _call_with_clock(fn: Callable, desc: str, progress: bool):
     if not progress:
         return fn()
     result = {}
+    threads = faiss.omp_get_max_threads()  # OpenMP settings are per thread
 
     def target():
         try:
+            faiss.omp_set_num_threads(threads)
             result["value"] = fn()
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
@@ -514,7 +523,6 @@ def build_index(
     ``on_chunk(keys_added)`` is called after each added chunk (tests raise from
     it to simulate a crash).
     """
-    started = time.monotonic()
     ds = _open_datastore(dstore)
     if ds.size == 0:
         raise IndexBuildError(f"datastore {ds.path} is empty; rebuild it on some text")
@@ -597,7 +605,6 @@ def build_index(
         meta["recall"] = evaluate_recall(index, reader, eval_recall, metric, seed, progress)
         meta["recall"]["seconds"] = round(time.monotonic() - t0, 3)
         log(format_recall(meta["recall"]))
-    meta["build_seconds"] = round(time.monotonic() - started, 3)
     _finish(index, meta, output)
     log(f"wrote {output} ({index.ntotal} keys) and {os.path.basename(meta_path(output))}")
     return meta
