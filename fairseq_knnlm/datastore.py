@@ -73,7 +73,7 @@ def dictionary_md5(dictionary) -> str:
     return hashlib.md5("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -137,7 +137,7 @@ class DatastoreWriter:
             vals_dtype=np.dtype(VALS_DTYPE).name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        _write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
+        write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
         if os.path.exists(self.final_dir):
             # Only reached with overwrite=True (checked at construction).
             old = self.final_dir + ".old"
@@ -157,33 +157,38 @@ class DatastoreWriter:
         shutil.rmtree(self.partial_dir, ignore_errors=True)
 
 
-def check_can_write(final_dir: str, overwrite: bool) -> None:
-    """Refuse, before any work is done, to clobber a store or write where we can't."""
+def check_can_write(
+    final_dir: str,
+    overwrite: bool,
+    what: str = "datastore",
+    option: str = "--dstore",
+    overwrite_flag: str = "--dstore-overwrite",
+    error=None,
+) -> None:
+    """Refuse, before any work is done, to clobber a finished output directory
+    (one with meta.json) or to write where we can't."""
+    error = error or DatastoreError
     final_dir = os.path.abspath(os.fspath(final_dir).rstrip("/"))
-    if os.path.exists(os.path.join(final_dir, META_FILE)) and not overwrite:
-        raise DatastoreError(
-            f"{final_dir} already holds a complete datastore; pass "
-            "--dstore-overwrite to replace it or choose another --dstore"
+    complete = os.path.exists(os.path.join(final_dir, META_FILE))
+    if complete and not overwrite:
+        raise error(
+            f"{final_dir} already holds a complete {what}; pass {overwrite_flag} to replace it "
+            f"or choose another {option}"
         )
     if os.path.exists(final_dir) and not os.path.isdir(final_dir):
-        raise DatastoreError(f"{final_dir} exists and is not a directory")
-    if (
-        os.path.isdir(final_dir)
-        and os.listdir(final_dir)
-        and not os.path.exists(os.path.join(final_dir, META_FILE))
-        and not overwrite
-    ):
-        raise DatastoreError(
-            f"{final_dir} is not empty and is not a datastore; choose another "
-            "--dstore or pass --dstore-overwrite"
+        raise error(f"{final_dir} exists and is not a directory; choose another {option}")
+    if os.path.isdir(final_dir) and os.listdir(final_dir) and not complete and not overwrite:
+        raise error(
+            f"{final_dir} is not empty and is not a {what}; choose another {option} "
+            f"or pass {overwrite_flag}"
         )
     parent = os.path.dirname(final_dir) or "."
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise DatastoreError(f"cannot create {parent}: {e.strerror}") from None
+        raise error(f"cannot create {parent}: {e.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DatastoreError(f"cannot write to {parent}; choose a writable --dstore")
+        raise error(f"cannot write to {parent}; choose a writable {option}")
 
 
 class _Shard:

@@ -32,8 +32,9 @@ import numpy as np
 from .datastore import (
     NPY_HEADER_BYTES,
     RowConcat,
-    _write_json_atomic,
+    check_can_write,
     npy_header,
+    write_json_atomic,
     shard_dirname,
 )
 from .errors import UserError
@@ -77,36 +78,6 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def check_can_write(final_dir: str, overwrite: bool) -> None:
-    """Refuse, before any scoring is done, to clobber a file or write where we can't."""
-    if os.path.exists(os.path.join(final_dir, META_FILE)) and not overwrite:
-        raise NeighborsError(
-            f"{final_dir} already holds saved neighbours; delete it or choose "
-            "another --knn-save-neighbors path"
-        )
-    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
-        raise NeighborsError(
-            f"{final_dir} exists and is not a directory; choose another --knn-save-neighbors path"
-        )
-    if (
-        os.path.isdir(final_dir)
-        and os.listdir(final_dir)
-        and not os.path.exists(os.path.join(final_dir, META_FILE))
-        and not overwrite
-    ):
-        raise NeighborsError(
-            f"{final_dir} is not empty and holds no saved neighbours; choose "
-            "another --knn-save-neighbors path"
-        )
-    parent = os.path.dirname(final_dir) or "."
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise NeighborsError(f"cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise NeighborsError(f"cannot write to {parent}; choose a writable --knn-save-neighbors path")
-
-
 class NeighborsWriter:
     """Streams every scored token's target, LM log-prob and k neighbours to disk.
 
@@ -127,7 +98,10 @@ class NeighborsWriter:
         except (TypeError, ValueError) as e:
             raise NeighborsError(f"neighbours metadata is not JSON-serialisable: {e}") from None
         self.meta = dict(meta)
-        check_can_write(self.final_dir, overwrite)
+        check_can_write(
+            self.final_dir, overwrite, what="neighbours file", option="--knn-save-neighbors",
+            overwrite_flag="--knn-save-neighbors-overwrite", error=NeighborsError,
+        )
         self.partial_dir = self.final_dir + ".partial"
         if os.path.exists(self.partial_dir):
             shutil.rmtree(self.partial_dir)
@@ -231,7 +205,7 @@ class NeighborsWriter:
             segments_dtype=SEGMENTS_DTYPE.name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        _write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
+        write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
         if os.path.exists(self.final_dir):
             # Only reached with overwrite=True (checked at construction).
             old = self.final_dir + ".old"

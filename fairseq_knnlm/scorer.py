@@ -9,14 +9,13 @@ plain evaluation that normalises over the context window too.
 """
 
 import logging
-import os
 import sys
 
 import numpy as np
 import torch
 
 from . import knn_math
-from .datastore import DatastoreWriter, shard_dirname
+from .datastore import DatastoreWriter
 from .errors import UserError
 from .keys import KeyCapture
 
@@ -153,14 +152,12 @@ class KNNSequenceScorer:
                 shard_id=self.task.shard_id,
                 num_shards=self.task.num_shards,
             )
-            path = self.args.knn_save_neighbors
-            if self.task.num_shards > 1:
-                path = os.path.join(path, shard_dirname(self.task.shard_id, self.task.num_shards))
             self.neighbors_writer = NeighborsWriter(
-                path,
+                self.task.neighbors_output_path(),
                 self.args.k,
                 info,
                 fp16_dists=self.args.knn_save_neighbors_fp16,
+                overwrite=self.args.knn_save_neighbors_overwrite,
             )
         self.neighbors_writer.append(
             targets.cpu().numpy(),

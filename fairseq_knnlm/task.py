@@ -69,6 +69,9 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         default=None, metadata={"help": "save every scored token's neighbours here for fairseq-knnlm-sweep"}
     )
     knn_save_neighbors_fp16: bool = field(default=False, metadata={"help": "store saved distances as float16"})
+    knn_save_neighbors_overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing --knn-save-neighbors file"}
+    )
 
 
 def _planned_sharding(cfg):
@@ -123,6 +126,15 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             check_can_write(self.dstore_output_dir(), args.dstore_overwrite)
             return
         knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp)
+        if args.knn_save_neighbors:
+            from .neighbors import NeighborsError
+
+            self.num_shards, self.shard_id = _planned_sharding(args)
+            check_can_write(
+                self.neighbors_output_path(), args.knn_save_neighbors_overwrite,
+                what="neighbours file", option="--knn-save-neighbors",
+                overwrite_flag="--knn-save-neighbors-overwrite", error=NeighborsError,
+            )
         if args.probe < 1:
             raise UserError(f"--probe must be at least 1, got {args.probe}")
         self.datastore = Datastore(args.dstore, in_memory=args.dstore_in_memory)
@@ -190,6 +202,12 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             return self.args.dstore
         return os.path.join(self.args.dstore, shard_dirname(self.shard_id, self.num_shards))
 
+    def neighbors_output_path(self) -> str:
+        path = self.args.knn_save_neighbors
+        if self.num_shards == 1:
+            return path
+        return os.path.join(path, shard_dirname(self.shard_id, self.num_shards))
+
     # ------------------------------------------------------------ evaluation
     def eval_lm_dataloader(
         self,
@@ -204,7 +222,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         context_window=0,
     ):
         self.context_window = context_window
-        if self.args.save_knnlm_dstore and (num_shards, shard_id) != (self.num_shards, self.shard_id):
+        writes = self.args.save_knnlm_dstore or self.args.knn_save_neighbors
+        if writes and (num_shards, shard_id) != (self.num_shards, self.shard_id):
             raise RuntimeError(
                 f"eval-lm asked for shard {shard_id}/{num_shards}, the task planned "
                 f"{self.shard_id}/{self.num_shards}"

@@ -174,7 +174,7 @@ def test_nothing_is_readable_before_commit_and_abort_cleans_up(tmp_path, arrays)
 
 def test_writer_refuses_to_clobber_and_checks_shapes(tmp_path, arrays):
     path = write(tmp_path / "nb", arrays)
-    with pytest.raises(NeighborsError, match="already holds saved neighbours"):
+    with pytest.raises(NeighborsError, match="already holds a complete neighbours file"):
         NeighborsWriter(path, 64, {})
     w = NeighborsWriter(path, 8, {"note": "second"}, overwrite=True)
     with pytest.raises(NeighborsError, match=r"\(n, 8\)"):
