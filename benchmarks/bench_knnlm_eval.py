@@ -57,7 +57,7 @@ def main():
         text = (WIKITEXT2 / "test.txt").read_bytes()[: args.eval_bytes]
         (w / "slice.txt").write_bytes(text[: text.rfind(b"\n") + 1])
         run_quiet(["fairseq-preprocess", "--only-source", "--srcdict", data / "dict.txt",
-                   "--testpref", w / "slice", "--destdir", w / "slice-raw", "--workers", "1"])
+                   "--testpref", w / "slice.txt", "--destdir", w / "slice-raw", "--workers", "1"])
         slice_bin.mkdir(exist_ok=True)
         for f in ("dict.txt",):
             (slice_bin / f).write_bytes((data / f).read_bytes())
