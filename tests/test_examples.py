@@ -13,8 +13,9 @@ from fairseq_knnlm.datastore import Datastore
 
 WT2 = ROOT / "examples" / "wikitext2"
 WT103 = ROOT / "examples" / "wikitext103"
-STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index", "knn-valid", "sweep-valid",
-          "knn-test", "sweep-test", "dstore-size", "subset", "report")
+STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
+          "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
+          "dstore-size", "subset", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
 pytestmark = pytest.mark.skipif(not (WIKITEXT2 / "train.txt").exists(), reason=f"no WikiText-2 in {WIKITEXT2}")
 

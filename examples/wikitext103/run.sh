@@ -17,7 +17,7 @@
 #   summary  WORKDIR/results.md: our numbers beside the paper's
 #
 # --tiny runs the same stages on a slice of WikiText-2 standing in for WikiText-103,
-# with a tiny model and small blocks, on a CPU in about a minute (the tests run it).
+# with a tiny model and small blocks, on a CPU in a few minutes (the tests run it).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

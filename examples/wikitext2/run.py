@@ -15,17 +15,19 @@ work directory, e.g. one whose model was trained separately, is reused):
   baseline    fairseq-eval-lm, plain language_modeling task, valid and test
   dstore      fairseq-eval-lm --save-knnlm-dstore on train -> WORKDIR/dstore
   index       fairseq-knnlm-build-index: IVF-PQ (knn.index) and Flat (flat.index)
-  knn-valid   fairseq-eval-lm --knnlm on valid, faiss and l2 distances, saving
-              every token's neighbours (--knn-save-neighbors)
-  sweep-valid fairseq-knnlm-sweep over k, temperature and lambda on the saved
-              valid neighbours; chooses temperature and lambda (at k = --k)
-  knn-test    fairseq-eval-lm --knnlm on test at the settings chosen on valid
-              (confirms the chosen setting with a real run), saving neighbours
-  sweep-test  the same grid on test, to report test numbers at valid-chosen settings
-  dstore-size sub-datastores of the first 10% and 30% of train (prefix copies),
-              their IVF-PQ indexes, and kNN-LM on valid with each
-  subset      exact (Flat) search vs IVF-PQ on the first --subset-tokens tokens of
-              valid (Flat search over the whole store is too slow for whole splits)
+  knn-valid-faiss   fairseq-eval-lm --knnlm on valid with the index's (faiss)
+                    distances, saving every token's neighbours (--knn-save-neighbors)
+  sweep-valid-faiss fairseq-knnlm-sweep over k, temperature and lambda on the saved
+                    valid neighbours; chooses temperature and lambda (at k = --k)
+  knn-test-faiss    fairseq-eval-lm --knnlm on test at the settings chosen on valid
+                    (confirms the chosen setting with a real run), saving neighbours
+  sweep-test-faiss  the same grid on test, to report test numbers at valid-chosen settings
+  dstore-size       sub-datastores of the first 10% and 30% of train (prefix copies),
+                    their IVF-PQ indexes, and kNN-LM on valid with each
+  subset            exact (Flat) search vs IVF-PQ (faiss and l2 distances) on the first
+                    --subset-tokens tokens of valid (Flat search is too slow for whole splits)
+  knn-valid-l2 ... sweep-test-l2   the four kNN stages again with exact (l2) distances
+                    recomputed from the stored keys for the IVF-PQ candidates
   report      tables (results.md), results.json and PNG plots -> --report-dir
 
 Numbers go to WORKDIR/results.json as stages finish; every command and its
@@ -55,14 +57,16 @@ WIKITEXT2_URLS = (
 )
 PPL_RE = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 SPEED_RE = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/s\)")
-STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index", "knn-valid", "sweep-valid",
-          "knn-test", "sweep-test", "dstore-size", "subset", "report")
+# In order of priority: the l2 runs cost most (key reads) and come last.
+STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
+          "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
+          "dstore-size", "subset", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
 # Full: the model of train.sh (pre-norm, adaptive input/softmax, trained on 512-token blocks).
 FULL = dict(
     slice_bytes=None,
     tokens_per_sample=512,   # = the training block: the model has seen no longer context
-    dstore_context=256,      # datastore pass: each scored token sees >= 256 tokens of context
+    dstore_context=128,      # datastore pass: each scored token sees >= 128 tokens of context
     eval_context=256,
     max_tokens=2048,         # 8 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (2 GiB)
     ivfpq_factory="IVF1024,PQ32",
@@ -187,17 +191,7 @@ class Pipeline:
                "--log-format", "simple", "--log-interval", 200]
         if knn:
             cmd += ["--user-dir", self.user_dir, "--task", "knnlm_language_modeling"]
-        out = self.run(cmd + list(extra), logname)
-        found = PPL_RE.findall(out)
-        if not found:
-            raise SystemExit(f"no perplexity in the output of {logname}")
-        loss = float(found[-1][0])
-        res = dict(loss=loss, ppl=2 ** loss, ppl_printed=float(found[-1][1]))
-        speed = SPEED_RE.findall(out)
-        if speed:
-            res.update(tokens=int(speed[-1][0].replace(",", "")), eval_seconds=float(speed[-1][1]),
-                       tokens_per_s=float(speed[-1][2]))
-        return res
+        return parse_eval(self.run(cmd + list(extra), logname), logname)
 
     def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None):
         extra = ["--knnlm", "--dstore", dstore, "--knn-index", index, "--k", k or self.args.k,
@@ -305,17 +299,29 @@ class Pipeline:
         self.results["baseline"] = base
 
     def do_dstore(self):
-        res = self.eval_lm("train", self.cfg["dstore_context"], "dstore", "--save-knnlm-dstore",
-                           "--dstore", self.dstore, "--dstore-overwrite")
+        self.results["dstore"] = self.eval_lm("train", self.cfg["dstore_context"], "dstore", "--save-knnlm-dstore",
+                                              "--dstore", self.dstore, "--dstore-overwrite")
+        self.describe_dstore()
+
+    def describe_dstore(self):
         from fairseq_knnlm.datastore import Datastore
 
         ds = Datastore(str(self.dstore))
-        res.update(size=ds.size, dim=ds.dim, keys_dtype=str(ds.keys.dtype),
-                   keys_bytes=os.path.getsize(self.dstore / "keys.npy"))
-        self.results["dstore"] = res
+        self.results["dstore"].update(size=ds.size, dim=ds.dim, keys_dtype=str(ds.keys.dtype),
+                                      keys_bytes=os.path.getsize(self.dstore / "keys.npy"),
+                                      context_window=ds.meta.get("context_window"))
 
     def dstore_done(self):
-        return (self.dstore / "meta.json").exists() and "dstore" in self.results
+        if not (self.dstore / "meta.json").exists():
+            return False
+        if "dstore" not in self.results:  # written by an earlier, interrupted invocation
+            out = (self.work / "logs" / "dstore.log").read_text()
+            self.results["dstore"] = parse_eval(out[out.rfind("$ fairseq-eval-lm"):])
+            self.describe_dstore()
+            self.results["stages"]["dstore"] = dict(seconds=self.results["dstore"].get("eval_seconds"),
+                                                    note="fairseq-eval-lm's own timing, from its log")
+            self.save()
+        return True
 
     def build_index(self, dstore, output, factory, train_size, logname, recall=0):
         cmd = ["fairseq-knnlm-build-index", "--dstore", dstore, "--output", output, "--index-factory", factory,
@@ -341,37 +347,28 @@ class Pipeline:
         return index_complete(self.ivfpq) and index_complete(self.flat) and \
             {"ivfpq", "flat"} <= set(self.results.get("index", {}))
 
-    def do_knn(self, split):
-        runs = self.results.setdefault(f"knn_{split}", {})
-        for sim in SIM_FUNCS:
-            if sim in runs and (self.nbrs / f"{split}-{sim}" / "meta.json").exists():
-                continue
-            if split == "valid":   # the paper's λ and T; neighbours do not depend on them
-                lmbda, temp = PAPER_LAMBDA, PAPER_TEMP
-            else:                  # the setting chosen on valid
-                chosen = self.results["chosen"][sim]
-                lmbda, temp = chosen["lmbda"], chosen["knn_temp"]
-            self.nbrs.mkdir(exist_ok=True)
-            runs[sim] = self.knn_eval(split, self.dstore, self.ivfpq, sim, lmbda, temp,
-                                      self.nbrs / f"{split}-{sim}", f"knn-{split}-{sim}")
-            self.save()
+    def do_knn(self, split, sim):
+        if split == "valid":   # the paper's λ and T; the saved neighbours do not depend on them
+            lmbda, temp = PAPER_LAMBDA, PAPER_TEMP
+        else:                  # the setting chosen on valid
+            chosen = self.results["chosen"][sim]
+            lmbda, temp = chosen["lmbda"], chosen["knn_temp"]
+        self.nbrs.mkdir(exist_ok=True)
+        self.results.setdefault(f"knn_{split}", {})[sim] = self.knn_eval(
+            split, self.dstore, self.ivfpq, sim, lmbda, temp, self.nbrs / f"{split}-{sim}", f"knn-{split}-{sim}")
 
-    def knn_done(self, split):
-        runs = self.results.get(f"knn_{split}", {})
-        return all(s in runs and (self.nbrs / f"{split}-{s}" / "meta.json").exists() for s in SIM_FUNCS)
+    def knn_done(self, split, sim):
+        return sim in self.results.get(f"knn_{split}", {}) and (self.nbrs / f"{split}-{sim}" / "meta.json").exists()
 
-    def do_sweep(self, split):
-        sweeps = self.results.setdefault(f"sweep_{split}", {})
-        for sim in SIM_FUNCS:
-            rep = self.sweep(self.nbrs / f"{split}-{sim}", f"{split}-{sim}",
-                             plots=(split == "valid" and sim == "faiss"))
-            sweeps[sim] = compact_sweep(rep)
-            if split == "valid":
-                self.results.setdefault("chosen", {})[sim] = choose(sweeps[sim], self.args.k)
-        self.save()
+    def do_sweep(self, split, sim):
+        rep = compact_sweep(self.sweep(self.nbrs / f"{split}-{sim}", f"{split}-{sim}",
+                                       plots=(split == "valid" and sim == "faiss")))
+        self.results.setdefault(f"sweep_{split}", {})[sim] = rep
+        if split == "valid":
+            self.results.setdefault("chosen", {})[sim] = choose(rep, self.args.k)
 
-    def sweep_done(self, split):
-        return set(SIM_FUNCS) <= set(self.results.get(f"sweep_{split}", {}))
+    def sweep_done(self, split, sim):
+        return sim in self.results.get(f"sweep_{split}", {})
 
     def do_dstore_size(self):
         from fairseq_knnlm.datastore import Datastore
@@ -420,11 +417,12 @@ class Pipeline:
             sub["baseline"] = self.eval_lm("valid", self.cfg["eval_context"], "subset-baseline",
                                            data_bin=bin_dir, knn=False)
             self.save()
-        chosen = self.results["chosen"]
-        plan = [("ivfpq-faiss", self.ivfpq, "faiss", chosen["faiss"]),
-                ("ivfpq-l2", self.ivfpq, "l2", chosen["l2"]),
-                ("flat", self.flat, "faiss", chosen["l2"])]  # Flat's own distances are exact L2
-        for name, index, sim, setting in plan:
+        # One setting for all three (chosen on the whole of valid with faiss distances),
+        # plus each one's own sweep on the subset.
+        setting = self.results["chosen"]["faiss"]
+        plan = [("ivfpq-faiss", self.ivfpq, "faiss"), ("ivfpq-l2", self.ivfpq, "l2"),
+                ("flat", self.flat, "faiss")]  # Flat's own distances are exact squared L2
+        for name, index, sim in plan:
             if name in sub and "sweep" in sub[name]:
                 continue
             nb = self.nbrs / f"subset-{name}"
@@ -446,12 +444,14 @@ class Pipeline:
         self.stage("baseline", lambda: "baseline" in self.results, self.do_baseline)
         self.stage("dstore", self.dstore_done, self.do_dstore)
         self.stage("index", self.index_done, self.do_index)
-        self.stage("knn-valid", lambda: self.knn_done("valid"), lambda: self.do_knn("valid"))
-        self.stage("sweep-valid", lambda: self.sweep_done("valid"), lambda: self.do_sweep("valid"))
-        self.stage("knn-test", lambda: self.knn_done("test"), lambda: self.do_knn("test"))
-        self.stage("sweep-test", lambda: self.sweep_done("test"), lambda: self.do_sweep("test"))
-        self.stage("dstore-size", self.dstore_size_done, self.do_dstore_size)
-        self.stage("subset", self.subset_done, self.do_subset)
+        for sim in SIM_FUNCS:
+            for split in ("valid", "test"):
+                self.stage(f"knn-{split}-{sim}", lambda: self.knn_done(split, sim), lambda: self.do_knn(split, sim))
+                self.stage(f"sweep-{split}-{sim}", lambda: self.sweep_done(split, sim),
+                           lambda: self.do_sweep(split, sim))
+            if sim == "faiss":
+                self.stage("dstore-size", self.dstore_size_done, self.do_dstore_size)
+                self.stage("subset", self.subset_done, self.do_subset)
         report_dir = Path(a.report_dir).resolve() if a.report_dir else self.work / "report"
         from report import write_report  # examples/wikitext2/report.py
 
@@ -465,6 +465,20 @@ class Pipeline:
 # ------------------------------------------------------------------ helpers
 def _quote(s):
     return s if re.fullmatch(r"[\w@%+=:,./-]+", s) else "'" + s.replace("'", "'\\''") + "'"
+
+
+def parse_eval(out, logname="fairseq-eval-lm"):
+    """Loss, perplexity and speed printed by fairseq-eval-lm."""
+    found = PPL_RE.findall(out)
+    if not found:
+        raise SystemExit(f"no perplexity in the output of {logname}")
+    loss = float(found[-1][0])
+    res = dict(loss=loss, ppl=2 ** loss, ppl_printed=float(found[-1][1]))
+    speed = SPEED_RE.findall(out)
+    if speed:
+        res.update(tokens=int(speed[-1][0].replace(",", "")), eval_seconds=float(speed[-1][1]),
+                   tokens_per_s=float(speed[-1][2]))
+    return res
 
 
 def index_complete(path):
