@@ -83,9 +83,13 @@ def write_report(results, work, report_dir):
     report_dir.mkdir(parents=True, exist_ok=True)
     md, plots = [], {}
     cfg = results.get("config", {})
-    base = dict(results.get("baseline", {}))
-    for split in ("valid", "test"):  # without the baseline stage: λ = 0 of the sweep is the same LM
-        sw = results.get(f"sweep_{split}", {}).get("faiss")
+    whole = dict(results.get("baseline", {}))
+    n_eval = cfg.get("eval_tokens")
+    # The base LM on exactly the kNN-LM's tokens: λ = 0 of the sweeps (the same forward pass).
+    base = {} if n_eval else dict(whole)
+    for split in ("valid", "test"):
+        sws = results.get(f"sweep_{split}", {})
+        sw = sws.get("faiss") or sws.get("l2")
         if split not in base and sw:
             base[split] = dict(sw["base"], from_sweep=True)
     chosen = results.get("chosen", {})
@@ -117,6 +121,13 @@ def write_report(results, work, report_dir):
             rows.append([f"kNN-LM, {sim}, the paper's T 1, λ 0.25 (not tuned)", f"k {K}, T 1, λ 0.25",
                          f2(kv[sim]["ppl"]), f2(cell(st.get(sim), K, 1.0, 0.25))])
     md.append("## Perplexity: base LM vs kNN-LM\n")
+    if n_eval:
+        heads = results.get("eval_heads", {})
+        md.append(f"**Evaluated on the first {heads.get('valid', n_eval):,} tokens of valid and the first "
+                  f"{heads.get('test', n_eval):,} tokens of test** (`--eval-tokens {n_eval}`: whole lines, "
+                  "binarized with the model's dictionary), not the whole splits; the base LM row is the same "
+                  "forward pass with λ = 0. The base LM on the whole splits: valid "
+                  f"{f2(whole.get('valid', {}).get('ppl'))}, test {f2(whole.get('test', {}).get('ppl'))}.\n")
     md.append("T and λ are chosen on **valid** (grid: T in {"
               + ", ".join(f"{t:g}" for t in cfg.get("temps", [])) + "}, λ in " + str(cfg.get("lambdas"))
               + f", k fixed at {K}); test is reported at those settings, from a separate fairseq-eval-lm run "

@@ -114,8 +114,9 @@ class Pipeline:
     def __init__(self, args):
         self.args = args
         self.cfg = dict(TINY if args.tiny else FULL)
+        self.cfg["eval_tokens"] = None
         for key in ("dstore_context", "eval_context", "max_tokens", "ivfpq_factory", "ivfpq_train",
-                    "subset_tokens"):
+                    "subset_tokens", "eval_tokens"):
             if getattr(args, key) is not None:
                 self.cfg[key] = getattr(args, key)
         self.work = Path(args.workdir).resolve()
@@ -193,6 +194,27 @@ class Pipeline:
             cmd += ["--user-dir", self.user_dir, "--task", "knnlm_language_modeling"]
         return parse_eval(self.run(cmd + list(extra), logname), logname)
 
+    @property
+    def eval_bin(self):
+        """data-bin for the kNN-LM evaluations: the whole splits, or their first --eval-tokens tokens."""
+        n = self.cfg.get("eval_tokens")
+        if not n:
+            return self.data_bin
+        out = self.work / f"data-bin-eval{n}"
+        if not (out / "test.bin").exists():
+            heads = {}
+            for split in ("valid", "test"):
+                heads[split] = self.work / f"raw-eval{n}" / f"{split}.txt"
+                heads[split].parent.mkdir(exist_ok=True)
+                self.results.setdefault("eval_heads", {})[split] = write_head(
+                    self.results["data"]["files"][split], heads[split], n)
+            if out.exists():
+                shutil.rmtree(out)
+            self.run(["fairseq-preprocess", "--only-source", "--srcdict", self.data_bin / "dict.txt",
+                      "--validpref", heads["valid"], "--testpref", heads["test"], "--destdir", out,
+                      "--workers", 1], "preprocess-eval")
+        return out
+
     def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None):
         extra = ["--knnlm", "--dstore", dstore, "--knn-index", index, "--k", k or self.args.k,
                  "--lmbda", lmbda, "--knn-temp", temp, "--probe", self.args.probe, "--knn-sim-func", sim]
@@ -200,7 +222,7 @@ class Pipeline:
             if Path(save).exists():
                 shutil.rmtree(save)  # an incomplete earlier attempt (no recorded result)
             extra += ["--knn-save-neighbors", save]
-        res = self.eval_lm(split, self.cfg["eval_context"], logname, *extra, data_bin=data_bin)
+        res = self.eval_lm(split, self.cfg["eval_context"], logname, *extra, data_bin=data_bin or self.eval_bin)
         res.update(k=int(k or self.args.k), lmbda=float(lmbda), knn_temp=float(temp), sim_func=sim,
                    index=str(index), dstore=str(dstore))
         return res
@@ -604,6 +626,9 @@ def parse_args(argv=None):
     p.add_argument("--ivfpq-factory", help="IVF-PQ index (default: full IVF1024,PQ32, tiny IVF128,PQ16)")
     p.add_argument("--ivfpq-train", type=int, help="keys to train the IVF-PQ index on (default: 250000)")
     p.add_argument("--subset-tokens", type=int, help="valid tokens for the Flat comparison (default: full 3000, tiny 1000)")
+    p.add_argument("--eval-tokens", type=int,
+                   help="evaluate the kNN-LM on the first N tokens of valid and of test only (default: "
+                   "the whole splits); the base LM is also evaluated on the whole splits")
     p.add_argument("--report-dir", help="where tables and plots go (default: WORKDIR/report)")
     p.add_argument("--skip", default="", help=f"comma-separated stages not to run, of: {', '.join(STAGES[3:-1])}")
     args = p.parse_args(argv)
