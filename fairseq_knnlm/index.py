@@ -42,8 +42,10 @@ PQ_CENTROIDS = 256
 MIN_POINTS_PER_CENTROID = 39
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 RECALL_KS = (1, 10, 100)
-# Rows gathered per batch when reading scattered keys (training sample, queries).
-GATHER_BATCH = 1 << 16
+# Bytes of key pages resident at once while reading scattered keys, and rows
+# per block of exact search for --eval-recall.
+GATHER_BYTES = 64 << 20
+EXACT_SEARCH_BLOCK = 1 << 16
 
 
 class IndexBuildError(UserError):
@@ -158,36 +160,45 @@ class KeyReader:
     Pages read through a memory map count towards the process's RSS until they
     are unmapped, so streaming a whole store through one long-lived map would
     grow RSS with the store.  This reader maps the key files itself and drops
-    the pages (``MADV_DONTNEED``; the OS page cache keeps them) after each read.
+    the pages it read (``MADV_DONTNEED``; the OS page cache keeps them) after
+    each read, so its footprint is one chunk or one gather batch.
     """
 
     def __init__(self, keys):
-        parts = keys.parts if isinstance(keys, RowConcat) else [keys]
-        self._maps, self._parts = [], []
-        for part in parts:
+        self._parts = []  # (rows, mmap or None, byte offset of row 0 in the map)
+        for part in keys.parts if isinstance(keys, RowConcat) else [keys]:
             if isinstance(part, np.memmap) and part.filename:
                 with open(part.filename, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps.append(mm)
-                part = np.frombuffer(mm, part.dtype, part.size, part.offset).reshape(part.shape)
-            self._parts.append(np.asarray(part))
-        self.offsets = np.cumsum([0] + [len(p) for p in self._parts])
+                rows = np.frombuffer(mm, part.dtype, part.size, part.offset).reshape(part.shape)
+                self._parts.append((rows, mm, part.offset))
+            else:
+                self._parts.append((np.asarray(part), None, 0))
+        self.offsets = np.cumsum([0] + [len(rows) for rows, _, _ in self._parts])
         self.size = int(self.offsets[-1])
         self.dim = int(keys.shape[1])
+        row_bytes = self.dim * np.dtype(keys.dtype).itemsize
+        # Scattered reads touch up to a page per row: bound the pages per batch.
+        self.gather_batch = max(1, GATHER_BYTES // (row_bytes + mmap.PAGESIZE))
 
-    def release(self) -> None:
-        for mm in self._maps:
-            if hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
+    def _release(self, p: int, lo: int, hi: int) -> None:
+        """Drop the pages of rows [lo, hi) of part ``p`` from this process."""
+        rows, mm, offset = self._parts[p]
+        if mm is None or hi <= lo or not hasattr(mm, "madvise"):
+            return
+        start = offset + lo * rows.strides[0]
+        start -= start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, offset + hi * rows.strides[0] - start)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Keys [lo, hi) as a new float32 array."""
         out = np.empty((hi - lo, self.dim), np.float32)
-        for part, start in zip(self._parts, self.offsets[:-1]):
-            a, b = max(lo - start, 0), min(hi - start, len(part))
+        for p, (rows, _, _) in enumerate(self._parts):
+            start = self.offsets[p]
+            a, b = max(lo - start, 0), min(hi - start, len(rows))
             if a < b:
-                out[start + a - lo : start + b - lo] = part[a:b]
-        self.release()
+                out[start + a - lo : start + b - lo] = rows[a:b]
+                self._release(p, a, b)
         return out
 
     def chunks(self, batch: int, start: int = 0) -> Iterator[Tuple[int, int, np.ndarray]]:
@@ -200,15 +211,16 @@ class KeyReader:
         ids = np.asarray(ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")  # sorted reads are sequential on disk
         out = np.empty((len(ids), self.dim), np.float32)
-        for b in range(0, len(ids), GATHER_BATCH):
-            sel = order[b : b + GATHER_BATCH]
+        for b in range(0, len(ids), self.gather_batch):
+            sel = order[b : b + self.gather_batch]
             batch = ids[sel]
             which = np.searchsorted(self.offsets, batch, side="right") - 1
-            for p, part in enumerate(self._parts):
+            for p, (rows, _, _) in enumerate(self._parts):
                 mask = which == p
                 if mask.any():
-                    out[sel[mask]] = part[batch[mask] - self.offsets[p]]
-            self.release()
+                    local = batch[mask] - self.offsets[p]
+                    out[sel[mask]] = rows[local]
+                    self._release(p, local[0], local[-1] + 1)
             if bar is not None:
                 bar.update(len(sel))
         return out
@@ -643,7 +655,7 @@ def evaluate_recall(index: faiss.Index, reader: KeyReader, n_queries: int, metri
     kmax = max(ks)
     ids = np.random.default_rng([seed, 1]).choice(reader.size, n, replace=False)
     xq = reader.take(ids)
-    blocks = (x for _, _, x in reader.chunks(GATHER_BATCH))
+    blocks = (x for _, _, x in reader.chunks(EXACT_SEARCH_BLOCK))
     _, true_ids = _call_with_clock(
         lambda: knn_ground_truth(xq, blocks, kmax, metric_type=METRICS[metric]),
         f"recall: exact search for {n} queries", progress)

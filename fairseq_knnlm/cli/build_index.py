@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Build the FAISS index over a kNN-LM datastore's keys. Neighbour ids are "
         "datastore positions. Metadata (datastore identity, settings, times, recall) goes to "
-        "OUTPUT.meta.json, written last; an interrupted build resumes when rerun.",
+        "OUTPUT.meta.json, written last; an interrupted build resumes when rerun. PQ codes skip "
+        "FAISS's polysemous training, as the paper's IndexIVFPQ does (same search results, much "
+        "faster training).",
     )
     p.add_argument("--dstore", required=True, metavar="DIR", help="datastore directory (single or sharded)")
     p.add_argument("--output", metavar="FILE", help=f"index file (default: DSTORE/{INDEX_FILE})")
