@@ -9,6 +9,10 @@ from .datastore import Datastore
 from .knn_math import ip_dists, l2_dists
 
 
+# Neighbour-key floats read at once when recomputing distances (256 MiB).
+RECOMPUTE_FLOATS = 1 << 26
+
+
 class RetrievalConfigError(UserError):
     pass
 
@@ -52,11 +56,19 @@ class KNNRetriever:
         if self.sim_func == "faiss":
             dists = torch.from_numpy(scores if self.metric == "l2" else -scores)
         else:
-            neighbor_keys = torch.from_numpy(
-                np.asarray(self.datastore.keys[safe_ids.reshape(-1)], dtype=np.float32)
-            ).view(ids.shape + (-1,))
-            q_t = torch.from_numpy(q)
-            dist_fn = l2_dists if self.sim_func == "l2" else ip_dists
-            dists = dist_fn(q_t, neighbor_keys)
+            dists = self._recompute(q, safe_ids)
         dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
         return dists.to(device), torch.from_numpy(vals).to(device)
+
+    def _recompute(self, queries: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+        """Exact distances from the stored keys, in chunks of about
+        RECOMPUTE_FLOATS neighbour-key floats to bound memory."""
+        dist_fn = l2_dists if self.sim_func == "l2" else ip_dists
+        rows = max(1, RECOMPUTE_FLOATS // (ids.shape[1] * self.datastore.dim))
+        out = []
+        for s in range(0, len(ids), rows):
+            chunk = ids[s : s + rows]
+            keys = np.asarray(self.datastore.keys[chunk.reshape(-1)], dtype=np.float32)
+            keys = torch.from_numpy(keys).view(chunk.shape + (-1,))
+            out.append(dist_fn(torch.from_numpy(queries[s : s + rows]), keys))
+        return torch.cat(out)
