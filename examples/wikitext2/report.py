@@ -28,6 +28,7 @@ STAGE_ROWS = (
     ("sweep-valid-l2", "sweep on valid (l2)"),
     ("knn-test-l2", "kNN-LM on test at the valid-chosen setting (l2)"),
     ("sweep-test-l2", "sweep on test (l2)"),
+    ("whole-test", "kNN-LM (faiss) on the whole test split, valid-chosen setting"),
 )
 
 
@@ -116,6 +117,11 @@ def write_report(results, work, report_dir):
         test = kt.get(sim, {}).get("ppl")
         rows.append([f"kNN-LM, {SIM_NAMES[sim]}", f"k {c['k']}, T {c['knn_temp']:g}, λ {c['lmbda']:g}",
                      f2(c["ppl"]), f2(test)])
+    wt = results.get("whole_test")
+    if wt:
+        rows.append([f"kNN-LM, {SIM_NAMES['faiss']}, **whole test split**",
+                     f"k {wt['k']}, T {wt['knn_temp']:g}, λ {wt['lmbda']:g} (the same)", "–",
+                     f"{f2(wt['ppl'])} (base LM {f2(whole.get('test', {}).get('ppl'))})"])
     for sim in ("faiss", "l2"):
         if sim in kv:
             rows.append([f"kNN-LM, {sim}, the paper's T 1, λ 0.25 (not tuned)", f"k {K}, T 1, λ 0.25",
@@ -292,6 +298,8 @@ def write_report(results, work, report_dir):
     stages = results.get("stages", {})
     rows = []
     for name, what in STAGE_ROWS:
+        if name == "whole-test" and name not in stages:
+            continue  # optional (--whole-test)
         if name in stages and stages[name].get("seconds") is None:
             rows.append([name, what, "outputs found complete (made separately, not timed)", "–"])
         elif name in stages:

@@ -453,6 +453,12 @@ class Pipeline:
             sub[name] = dict(run=run, sweep=compact_sweep(self.sweep(nb, f"subset-{name}")))
             self.save()
 
+    def do_whole_test(self):
+        """With --eval-tokens: the whole test split at the faiss setting chosen on valid."""
+        c = self.results["chosen"]["faiss"]
+        self.results["whole_test"] = self.knn_eval("test", self.dstore, self.ivfpq, "faiss", c["lmbda"],
+                                                   c["knn_temp"], None, "whole-test-faiss", data_bin=self.data_bin)
+
     def subset_done(self):
         sub = self.results.get("subset", {})
         return all(n in sub and "sweep" in sub[n] for n in ("ivfpq-faiss", "ivfpq-l2", "flat"))
@@ -474,6 +480,8 @@ class Pipeline:
             if sim == "faiss":
                 self.stage("dstore-size", self.dstore_size_done, self.do_dstore_size)
                 self.stage("subset", self.subset_done, self.do_subset)
+        if self.cfg.get("eval_tokens") and a.whole_test:
+            self.stage("whole-test", lambda: "whole_test" in self.results, self.do_whole_test)
         report_dir = Path(a.report_dir).resolve() if a.report_dir else self.work / "report"
         from report import write_report  # examples/wikitext2/report.py
 
@@ -629,6 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int,
                    help="evaluate the kNN-LM on the first N tokens of valid and of test only (default: "
                    "the whole splits); the base LM is also evaluated on the whole splits")
+    p.add_argument("--whole-test", action="store_true",
+                   help="with --eval-tokens: also run kNN-LM (faiss) on the whole test split at the setting "
+                   "chosen on valid")
     p.add_argument("--report-dir", help="where tables and plots go (default: WORKDIR/report)")
     p.add_argument("--skip", default="", help=f"comma-separated stages not to run, of: {', '.join(STAGES[3:-1])}")
     args = p.parse_args(argv)
