@@ -239,7 +239,7 @@ def write_report(results, work, report_dir):
         for e in entries:
             idx = e.get("index", {})
             rows.append([f"{e['fraction'] * 100:g}%", f"{e['size']:,}", idx.get("factory", "–"),
-                         f"{(idx.get('build_seconds') or 0):.0f}",
+                         f"{(idx.get('train_seconds') or 0) + (idx.get('add_seconds') or 0):.0f}",
                          f2(e["run"]["ppl"]), f"T {e['chosen']['knn_temp']:g}, λ {e['chosen']['lmbda']:g}",
                          f2(e["chosen"]["ppl"])])
         md.append("## Perplexity vs datastore size (valid, faiss distances)\n")
@@ -247,7 +247,7 @@ def write_report(results, work, report_dir):
                   "corpus order, so these are exactly the keys a datastore pass over that prefix of train writes), "
                   "copied to its own directory with its own IVF-PQ index (same factory, trained on its own keys). "
                   f"Base LM valid perplexity {f2(base.get('valid', {}).get('ppl'))}.\n")
-        md.append(table(["train used", "keys", "index", "index build s", f"valid, k {c['k']} T {c['knn_temp']:g} "
+        md.append(table(["train used", "keys", "index", "index train + add s", f"valid, k {c['k']} T {c['knn_temp']:g} "
                          f"λ {c['lmbda']:g} (chosen on 100%)", "best T, λ for this size (valid)", "valid at those"],
                         rows) + "\n")
         plots["size"] = plot_lines(
@@ -275,7 +275,7 @@ def write_report(results, work, report_dir):
         md.append("## Exact vs approximate search (first {} tokens of valid)\n".format(n_tok))
         md.append(f"Exact (Flat) search costs a full scan of the store per token, so it is run on the first "
                   f"{n_tok} tokens of valid only (binarized with the model's dictionary and evaluated on their "
-                  f"own, so the base LM differs slightly from the whole-split number). k = {K}; all three use "
+                  f"own, so their base LM perplexity differs from the whole-split number). k = {K}; all three use "
                   "the T and λ chosen on the whole of valid with faiss distances; the last column is each "
                   "one's best setting on the subset itself (an oracle, for comparing the three only).\n")
         md.append(table(["", "index", "distances", "ppl at valid-chosen T, λ", "ppl at T 1, λ 0.25",
