@@ -309,10 +309,11 @@ def write_report(results, work, report_dir):
     md.append("## Wall time of every stage (2 CPU cores)\n")
     md.append(table(["stage", "what", "seconds", "minutes"], rows) + "\n")
     speeds = []
-    for label, r in [("base LM valid", base.get("valid")), ("base LM test", base.get("test")),
+    for label, r in [("base LM valid (whole split)", whole.get("valid")), ("base LM test (whole split)", whole.get("test")),
                      ("datastore pass (train)", results.get("dstore"))] + \
             [(f"kNN-LM {split} {sim}", results.get(f"knn_{split}", {}).get(sim))
-             for split in ("valid", "test") for sim in ("faiss", "l2")]:
+             for split in ("valid", "test") for sim in ("faiss", "l2")] + \
+            [("kNN-LM whole test split, faiss", results.get("whole_test"))]:
         if r and "tokens_per_s" in r:
             speeds.append([label, f"{r['tokens']:,}", f"{r['eval_seconds']:.0f}", f"{r['tokens_per_s']:.0f}"])
     if speeds:
