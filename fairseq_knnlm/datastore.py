@@ -17,7 +17,7 @@ import shutil
 import struct
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -137,24 +137,29 @@ class DatastoreWriter:
             vals_dtype=np.dtype(VALS_DTYPE).name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
-        if os.path.exists(self.final_dir):
-            # Only reached with overwrite=True (checked at construction).
-            old = self.final_dir + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(self.final_dir, old)
-            os.rename(self.partial_dir, self.final_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial_dir, self.final_dir)
-        return self.final_dir
+        return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
         for f in (self._keys, self._vals):
             if not f.closed:
                 f.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def commit_directory(partial_dir: str, final_dir: str, meta: Dict) -> str:
+    """Write meta.json last, then move ``partial_dir`` into place at ``final_dir``
+    (replacing an existing one only after the new one is complete)."""
+    write_json_atomic(os.path.join(partial_dir, META_FILE), meta)
+    if os.path.exists(final_dir):
+        old = final_dir + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(final_dir, old)
+        os.rename(partial_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial_dir, final_dir)
+    return final_dir
 
 
 def check_can_write(

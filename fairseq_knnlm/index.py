@@ -25,7 +25,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ivf_tools import replace_ivf_quantizer
 from tqdm import tqdm
 
-from .datastore import Datastore, RowConcat
+from .datastore import Datastore, RowConcat, write_json_atomic
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -305,14 +305,6 @@ def _write_index_atomic(index: faiss.Index, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _remove(*paths: str) -> None:
     for path in paths:
@@ -590,7 +582,7 @@ def build_index(
     def checkpoint():
         state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
         _write_index_atomic(index, part_index)
-        _write_json_atomic(part_state, state)
+        write_json_atomic(part_state, state)
 
     if not resumed:
         checkpoint()  # training can take hours: never redo it
@@ -627,7 +619,7 @@ def _finish(index: faiss.Index, meta: Dict, output: str) -> None:
     part_index, part_state = partial_paths(output)
     _remove(meta_path(output))  # an old sidecar must never vouch for the new index
     _write_index_atomic(index, output)
-    _write_json_atomic(meta_path(output), meta)
+    write_json_atomic(meta_path(output), meta)
     _remove(part_index, part_state)
 
 

@@ -33,8 +33,8 @@ from .datastore import (
     NPY_HEADER_BYTES,
     RowConcat,
     check_can_write,
+    commit_directory,
     npy_header,
-    write_json_atomic,
     shard_dirname,
 )
 from .errors import UserError
@@ -205,18 +205,7 @@ class NeighborsWriter:
             segments_dtype=SEGMENTS_DTYPE.name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        write_json_atomic(os.path.join(self.partial_dir, META_FILE), meta)
-        if os.path.exists(self.final_dir):
-            # Only reached with overwrite=True (checked at construction).
-            old = self.final_dir + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(self.final_dir, old)
-            os.rename(self.partial_dir, self.final_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial_dir, self.final_dir)
-        return self.final_dir
+        return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
         """Drop everything written so far."""
