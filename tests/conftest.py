@@ -27,7 +27,12 @@ PPL_RE = re.compile(r"Loss \(base 2\): (-?[0-9.]+), Perplexity: ([0-9.]+)")
 
 def run(cmd, check=True, **kwargs):
     """Run a command, returning CompletedProcess with text output (stdout+stderr merged)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # PASSIVE: idle OpenMP threads of torch and FAISS sleep instead of spinning on the 2 cores.
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    )
     env.update(kwargs.pop("env", {}))
     proc = subprocess.run(
         [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
