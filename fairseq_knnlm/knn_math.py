@@ -2,7 +2,7 @@
 
 All probabilities are natural-log.  ``dists`` are "distances" in the sense of
 the paper: the neighbour weights are softmax(-dists / temperature).  For the
-inner-product similarity the caller passes ``-scores`` (see :func:`ip_dists`).
+inner-product similarity the caller passes negated inner products.
 """
 
 import math
@@ -64,17 +64,6 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor, lmbda: 
     lm_term = lm_log_probs.float() + math.log1p(-lmbda)
     knn_term = knn_log_probs.float() + math.log(lmbda)
     return torch.logaddexp(lm_term, knn_term).to(lm_log_probs.dtype)
-
-
-def l2_dists(queries: torch.Tensor, neighbor_keys: torch.Tensor) -> torch.Tensor:
-    """Exact squared L2 distances: queries (n, d), neighbor_keys (n, k, d) -> (n, k)."""
-    diff = neighbor_keys.float() - queries.float().unsqueeze(1)
-    return (diff * diff).sum(-1)
-
-
-def ip_dists(queries: torch.Tensor, neighbor_keys: torch.Tensor) -> torch.Tensor:
-    """Negated inner products, so that softmax(-d) = softmax(q . k)."""
-    return -torch.einsum("nd,nkd->nk", queries.float(), neighbor_keys.float())
 
 
 def check_hyperparameters(k: int, lmbda: float, temperature: float, dstore_size: int = None) -> None:

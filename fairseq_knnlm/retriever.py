@@ -1,16 +1,15 @@
 """Nearest-neighbour retrieval: queries in, (distances, values) of the k nearest keys out."""
 
+import faiss
 import numpy as np
-
-from .errors import UserError
 import torch
 
 from .datastore import Datastore
-from .knn_math import ip_dists, l2_dists
+from .errors import UserError
 
-
-# Neighbour-key floats read at once when recomputing distances (256 MiB).
-RECOMPUTE_FLOATS = 1 << 26
+# Neighbour-key floats gathered at once when the keys cannot be read in place
+# (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.
+GATHER_FLOATS = 1 << 22
 
 
 class RetrievalConfigError(UserError):
@@ -51,6 +50,11 @@ class KNNRetriever:
         scores, ids = self.index.search(q, self.k)
         missing = ids < 0
         safe_ids = np.where(missing, 0, ids)
+        if ids.size and int(safe_ids.max()) >= self.datastore.size:  # FAISS's kernels do not bounds-check
+            raise RetrievalConfigError(
+                f"the index returned id {int(safe_ids.max())} but the datastore has {self.datastore.size} "
+                f"entries; rebuild the index for this datastore"
+            )
         vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)
         vals[missing] = -1
         if self.sim_func == "faiss":
@@ -61,14 +65,32 @@ class KNNRetriever:
         return dists.to(device), torch.from_numpy(vals).to(device)
 
     def _recompute(self, queries: np.ndarray, ids: np.ndarray) -> torch.Tensor:
-        """Exact distances from the stored keys, in chunks of about
-        RECOMPUTE_FLOATS neighbour-key floats to bound memory."""
-        dist_fn = l2_dists if self.sim_func == "l2" else ip_dists
-        rows = max(1, RECOMPUTE_FLOATS // (ids.shape[1] * self.datastore.dim))
-        out = []
-        for s in range(0, len(ids), rows):
-            chunk = ids[s : s + rows]
-            keys = np.asarray(self.datastore.keys[chunk.reshape(-1)], dtype=np.float32)
-            keys = torch.from_numpy(keys).view(chunk.shape + (-1,))
-            out.append(dist_fn(torch.from_numpy(queries[s : s + rows]), keys))
-        return torch.cat(out)
+        """Exact distances from the stored keys, by FAISS's by-index kernels.
+
+        float32 keys in one array are read in place (a memory map: no gathered
+        copy); float16 or sharded keys are gathered in chunks of GATHER_FLOATS
+        and converted first.
+        """
+        keys = self.datastore.keys
+        kernel = faiss.fvec_L2sqr_by_idx if self.sim_func == "l2" else faiss.fvec_inner_products_by_idx
+        out = np.empty(ids.shape, dtype=np.float32)
+        if isinstance(keys, np.ndarray) and keys.dtype == np.float32 and keys.flags.c_contiguous:
+            _by_idx(kernel, out, queries, keys, ids)
+        else:
+            k = ids.shape[1]
+            rows = max(1, GATHER_FLOATS // (k * self.datastore.dim))
+            local = np.arange(rows * k, dtype=np.int64).reshape(rows, k)
+            for s in range(0, len(ids), rows):
+                chunk = ids[s : s + rows]
+                gathered = np.ascontiguousarray(keys[chunk.reshape(-1)], dtype=np.float32)
+                _by_idx(kernel, out[s : s + rows], queries[s : s + rows], gathered, local[: len(chunk)])
+        dists = torch.from_numpy(out)
+        return dists if self.sim_func == "l2" else -dists
+
+
+def _by_idx(kernel, out, queries, keys, ids):
+    """out[i, j] = kernel(queries[i], keys[ids[i, j]]); all C-contiguous, ids int64."""
+    kernel(
+        faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(keys), faiss.swig_ptr(ids),
+        keys.shape[1], ids.shape[0], ids.shape[1],
+    )

@@ -241,7 +241,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             )
         if not (self.args.save_knnlm_dstore or self.args.knnlm):
             return itr
-        return _NotifyOnExhaustion(itr, self.finish_eval_lm)
+        return _NotifyOnExhaustion(itr, self.finish_eval_lm, on_start=self._check_scorer_installed)
 
     def _contiguous_shard(
         self, dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
@@ -302,22 +302,35 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 attach_knnlm(model, self)
         return super().build_generator(models, args, **kwargs)
 
+    def _check_scorer_installed(self):
+        """eval-lm builds its scorer before the first batch; if it is not ours, the
+        run would print the plain LM's perplexity (or write no datastore) silently."""
+        if self.active_scorer is None:
+            raise UserError(
+                "fairseq-eval-lm built fairseq's SequenceScorer instead of KNNSequenceScorer; "
+                "run the fairseq-eval-lm console script or python -m fairseq_cli.eval_lm"
+            )
+
     def finish_eval_lm(self):
         if self.active_scorer is not None:
             self.active_scorer.finish()
 
 
 class _NotifyOnExhaustion:
-    """Iterates like ``itr`` (and has its length) and calls ``on_end`` once it is exhausted."""
+    """Iterates like ``itr`` (and has its length); calls ``on_start`` before the
+    first batch and ``on_end`` once it is exhausted."""
 
-    def __init__(self, itr, on_end):
+    def __init__(self, itr, on_end, on_start=None):
         self.itr = itr
         self.on_end = on_end
+        self.on_start = on_start
 
     def __len__(self):
         return len(self.itr)
 
     def __iter__(self):
+        if self.on_start is not None:
+            self.on_start()
         yield from self.itr
         self.on_end()
 
@@ -335,7 +348,13 @@ def _install_scorer(task):
         task.active_scorer = scorer
         return scorer
 
-    for name in ("fairseq_cli.eval_lm", "__main__"):
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "SequenceScorer") and hasattr(module, "eval_lm"):
-            module.SequenceScorer = make_scorer
+    namespaces = [vars(m) for m in map(sys.modules.get, ("fairseq_cli.eval_lm", "__main__")) if m is not None]
+    # eval-lm run without a module of its own (runpy without alter_sys, as
+    # under ``python -m cProfile -m fairseq_cli.eval_lm``): its globals are on the stack.
+    frame = sys._getframe()
+    while frame is not None:
+        namespaces.append(frame.f_globals)
+        frame = frame.f_back
+    for namespace in namespaces:
+        if "SequenceScorer" in namespace and callable(namespace.get("eval_lm")):
+            namespace["SequenceScorer"] = make_scorer

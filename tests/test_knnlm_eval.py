@@ -2,11 +2,13 @@
 
 import math
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import eval_lm, perplexity_line, run
+from conftest import ROOT, USER_DIR, eval_lm, perplexity_line, run
 from fairseq_knnlm.datastore import Datastore, DatastoreWriter
 
 
@@ -186,3 +188,35 @@ def test_l2_similarity_needs_an_l2_index(data_bin, tiny_lm, tiny_datastore):
     assert "--metric l2" in last
     ok = knnlm(data_bin, tiny_lm, tiny_datastore, ip_index, "--knn-sim-func", "ip", "--k", 4, "--knn-temp", 5)
     assert math.isfinite(float(perplexity_line(ok.stdout)[1]))
+
+
+def _eval_lm_argv(data_bin, tiny_lm, *flags):
+    return [str(a) for a in (
+        data_bin, "--path", tiny_lm, "--gen-subset", "valid", "--tokens-per-sample", 128,
+        "--context-window", 64, "--cpu", "--max-tokens", 4096, "--num-workers", 0, "--no-progress-bar",
+        "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *flags)]
+
+
+def test_eval_lm_run_as_a_module_under_a_profiler(artefacts, data_bin, tiny_lm, tiny_datastore, flat_index):
+    """runpy without a module of its own (``python -m cProfile -m fairseq_cli.eval_lm``) still scores the kNN-LM."""
+    flags = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", flat_index, "--k", 8, "--lmbda", 0.5,
+             "--knn-temp", 5]
+    console = knnlm(data_bin, tiny_lm, tiny_datastore, flat_index, *flags[5:])
+    profiled = run([sys.executable, "-m", "cProfile", "-o", artefacts / "eval.prof", "-m", "fairseq_cli.eval_lm",
+                    *_eval_lm_argv(data_bin, tiny_lm, *flags)])
+    assert perplexity_line(profiled.stdout) == perplexity_line(console.stdout)
+
+
+def test_refuses_to_run_with_fairseqs_own_scorer(artefacts, data_bin, tiny_lm):
+    """If the scorer cannot be swapped in, eval-lm must stop instead of printing the plain LM's perplexity."""
+    dstore = artefacts / "dstore-never-written"
+    script = (
+        "import runpy, sys; import fairseq_knnlm.task as task; "
+        "task._install_scorer = lambda t: None; "  # a runner whose scorer we cannot reach
+        f"sys.argv = ['eval-lm'] + {_eval_lm_argv(data_bin, tiny_lm, '--save-knnlm-dstore', '--dstore', dstore)!r}; "
+        "runpy.run_module('fairseq_cli.eval_lm', run_name='__main__')"
+    )
+    proc = run([sys.executable, "-c", script], check=False, cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("fairseq-knnlm: error: fairseq-eval-lm built")
+    assert not dstore.exists() and not Path(str(dstore) + ".partial").exists()
