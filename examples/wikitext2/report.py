@@ -144,7 +144,7 @@ def write_report(results, work, report_dir):
         if sim in kt and sim in st:
             c = kt[sim]
             swept = cell(st[sim], c["k"], c["knn_temp"], c["lmbda"])
-            checks.append(f"{sim}: fairseq-eval-lm printed {c['ppl_printed']:.2f}, the sweep gives {swept:.4f}")
+            checks.append(f"{sim}: fairseq-eval-lm printed {c['ppl']:.2f}, the sweep gives {swept:.4f}")
     if checks:
         md.append("Check, test at the chosen setting, real run vs offline sweep of its saved neighbours: "
                   + "; ".join(checks) + ".\n")

@@ -502,8 +502,8 @@ def parse_eval(out, logname="fairseq-eval-lm"):
     found = PPL_RE.findall(out)
     if not found:
         raise SystemExit(f"no perplexity in the output of {logname}")
-    loss = float(found[-1][0])
-    res = dict(loss=loss, ppl=2 ** loss, ppl_printed=float(found[-1][1]))
+    # The printed perplexity is 2 ** (the unrounded loss): more exact than 2 ** (printed loss).
+    res = dict(loss=float(found[-1][0]), ppl=float(found[-1][1]))
     speed = SPEED_RE.findall(out)
     if speed:
         res.update(tokens=int(speed[-1][0].replace(",", "")), eval_seconds=float(speed[-1][1]),
