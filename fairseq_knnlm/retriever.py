@@ -33,6 +33,11 @@ class KNNRetriever:
                 f"but {index_meta.get('path', 'the index')} uses {metric}; rebuild the index "
                 f"or use --knn-sim-func faiss"
             )
+        if index.ntotal > datastore.size:  # ids past the store would reach FAISS's unchecked kernels
+            raise RetrievalConfigError(
+                f"the index holds {index.ntotal} keys but the datastore has {datastore.size} "
+                f"entries; rebuild the index for this datastore"
+            )
         self.datastore = datastore
         self.index = index
         self.metric = metric
@@ -50,11 +55,6 @@ class KNNRetriever:
         scores, ids = self.index.search(q, self.k)
         missing = ids < 0
         safe_ids = np.where(missing, 0, ids)
-        if ids.size and int(safe_ids.max()) >= self.datastore.size:  # FAISS's kernels do not bounds-check
-            raise RetrievalConfigError(
-                f"the index returned id {int(safe_ids.max())} but the datastore has {self.datastore.size} "
-                f"entries; rebuild the index for this datastore"
-            )
         vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)
         vals[missing] = -1
         if self.sim_func == "faiss":

@@ -241,7 +241,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             )
         if not (self.args.save_knnlm_dstore or self.args.knnlm):
             return itr
-        return _NotifyOnExhaustion(itr, self.finish_eval_lm, on_start=self._check_scorer_installed)
+        return _EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm)
 
     def _contiguous_shard(
         self, dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
@@ -316,21 +316,20 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             self.active_scorer.finish()
 
 
-class _NotifyOnExhaustion:
+class _EvalLoopHooks:
     """Iterates like ``itr`` (and has its length); calls ``on_start`` before the
     first batch and ``on_end`` once it is exhausted."""
 
-    def __init__(self, itr, on_end, on_start=None):
+    def __init__(self, itr, on_start, on_end):
         self.itr = itr
-        self.on_end = on_end
         self.on_start = on_start
+        self.on_end = on_end
 
     def __len__(self):
         return len(self.itr)
 
     def __iter__(self):
-        if self.on_start is not None:
-            self.on_start()
+        self.on_start()
         yield from self.itr
         self.on_end()
 

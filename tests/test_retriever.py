@@ -52,6 +52,5 @@ def test_recompute_refuses_ids_beyond_the_store(tmp_path):
     store = write_store(tmp_path / "dstore", keys, np.zeros(SIZE, dtype=np.int64), np.float32, 1)
     index = faiss.IndexFlatL2(DIM)
     index.add(np.concatenate([keys, keys]))  # an index of another, larger store
-    retriever = KNNRetriever(store, index, {"metric": "l2"}, SIZE + 10, "l2")
     with pytest.raises(ValueError, match="rebuild the index"):
-        retriever.search(torch.from_numpy(keys[:2] + 0.01))
+        KNNRetriever(store, index, {"metric": "l2"}, SIZE + 10, "l2")
