@@ -28,6 +28,8 @@ setup(
         "console_scripts": [
             "fairseq-knnlm-build-index = fairseq_knnlm.cli.build_index:main",
             "fairseq-knnlm-sweep = fairseq_knnlm.cli.sweep:main",
+            "fairseq-knnlm-prune = fairseq_knnlm.cli.prune:main",
+            "fairseq-knnlm-import = fairseq_knnlm.cli.import_original:main",
         ]
     },
 )

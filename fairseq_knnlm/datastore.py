@@ -1,7 +1,9 @@
 """The datastore: (context key, next token) pairs on disk.
 
 A datastore is a directory holding ``keys.npy`` (N x dim, float16 or float32),
-``vals.npy`` (N, int32) and ``meta.json``.  A sharded pass writes one such
+``vals.npy`` (N, int32) and ``meta.json``; a pruned store (fairseq-knnlm-prune)
+also holds ``counts.npy`` (N, int32): how many original entries each entry
+stands for, its weight in the kNN softmax.  A sharded pass writes one such
 directory per shard, ``shard-000-of-004/`` ..., below the datastore directory;
 :class:`Datastore` presents all shards as one store in corpus order.
 
@@ -28,6 +30,11 @@ META_FILE = "meta.json"
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"
 VALS_DTYPE = np.int32
+COUNTS_FILE = "counts.npy"
+COUNTS_DTYPE = np.int32
+# meta.json field of a store whose keys stay in a headerless file made elsewhere
+# (fairseq-knnlm-import): {"path", "offset", "sampled_rows_sha256"}.
+EXTERNAL_KEYS = "external_keys"
 # Keys and values are streamed behind a fixed-size .npy header that is
 # rewritten with the final shape once the count is known.
 NPY_HEADER_BYTES = 128
@@ -68,6 +75,13 @@ def file_sha256(path: str, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def sampled_rows_sha256(keys, rows: int = 64) -> str:
+    """sha256 of ``rows`` rows spread over ``keys``: a cheap identity of a key file too
+    large to hash whole."""
+    ids = np.unique(np.linspace(0, len(keys) - 1, num=min(rows, len(keys))).astype(np.int64))
+    return hashlib.sha256(np.ascontiguousarray(keys[ids]).tobytes()).hexdigest()
+
+
 def dictionary_md5(dictionary) -> str:
     """Identity of a fairseq Dictionary: its symbols in index order."""
     return hashlib.md5("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
@@ -90,7 +104,8 @@ class DatastoreWriter:
     writer replaces.
     """
 
-    def __init__(self, final_dir: str, dim: int, keys_dtype, overwrite: bool = False):
+    def __init__(self, final_dir: str, dim: int, keys_dtype, overwrite: bool = False,
+                 with_counts: bool = False):
         self.final_dir = os.path.abspath(os.fspath(final_dir).rstrip("/"))
         self.dim = int(dim)
         self.keys_dtype = np.dtype(keys_dtype)
@@ -105,29 +120,41 @@ class DatastoreWriter:
         self._vals = open(os.path.join(self.partial_dir, VALS_FILE), "wb")
         self._keys.write(npy_header(self.keys_dtype, (0, self.dim)))
         self._vals.write(npy_header(VALS_DTYPE, (0,)))
+        self._counts = None
+        if with_counts:
+            self._counts = open(os.path.join(self.partial_dir, COUNTS_FILE), "wb")
+            self._counts.write(npy_header(COUNTS_DTYPE, (0,)))
 
-    def append(self, keys: np.ndarray, vals: np.ndarray) -> None:
+    def append(self, keys: np.ndarray, vals: np.ndarray, counts: np.ndarray = None) -> None:
         if keys.ndim != 2 or keys.shape[1] != self.dim or len(keys) != len(vals):
             raise DatastoreError(
                 f"cannot append keys {keys.shape} / vals {vals.shape} to a "
                 f"datastore of dimension {self.dim}"
             )
+        if (counts is None) != (self._counts is None) or (counts is not None and len(counts) != len(vals)):
+            raise DatastoreError("counts must be given with every append exactly when the writer has with_counts")
         self._keys.write(np.ascontiguousarray(keys, dtype=self.keys_dtype).tobytes())
         self._vals.write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        if counts is not None:
+            self._counts.write(np.ascontiguousarray(counts, dtype=COUNTS_DTYPE).tobytes())
         self.size += len(vals)
 
     def commit(self, meta: Dict) -> str:
         """Finish the files, write meta.json last, then move into place."""
-        for f, dtype, shape in (
+        files = [
             (self._keys, self.keys_dtype, (self.size, self.dim)),
             (self._vals, VALS_DTYPE, (self.size,)),
-        ):
+        ]
+        if self._counts is not None:
+            files.append((self._counts, COUNTS_DTYPE, (self.size,)))
+        for f, dtype, shape in files:
             f.seek(0)
             f.write(npy_header(dtype, shape))
             f.flush()
             os.fsync(f.fileno())
             f.close()
         meta = dict(meta)
+        meta.pop(EXTERNAL_KEYS, None)  # e.g. meta copied from an imported store
         meta.update(
             format_version=FORMAT_VERSION,
             id=uuid.uuid4().hex,
@@ -137,11 +164,15 @@ class DatastoreWriter:
             vals_dtype=np.dtype(VALS_DTYPE).name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+        if self._counts is not None:
+            meta["counts_dtype"] = np.dtype(COUNTS_DTYPE).name
+        else:
+            meta.pop("counts_dtype", None)  # e.g. meta copied from a pruned store
         return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
-        for f in (self._keys, self._vals):
-            if not f.closed:
+        for f in (self._keys, self._vals, self._counts):
+            if f is not None and not f.closed:
                 f.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
 
@@ -214,12 +245,17 @@ class _Shard:
             )
         self.size = int(self.meta["size"])
         self.dim = int(self.meta["dim"])
-        for name, dtype, shape in (
+        files = [
             (KEYS_FILE, self.meta["keys_dtype"], (self.size, self.dim)),
             (VALS_FILE, self.meta["vals_dtype"], (self.size,)),
-        ):
-            file = os.path.join(path, name)
-            expected = NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        ]
+        self.has_counts = "counts_dtype" in self.meta
+        if self.has_counts:
+            files.append((COUNTS_FILE, self.meta["counts_dtype"], (self.size,)))
+        self._check_external_keys()
+        for name, dtype, shape in files:
+            file, header = self._location(name)
+            expected = header + int(np.prod(shape)) * np.dtype(dtype).itemsize
             actual = os.path.getsize(file) if os.path.exists(file) else -1
             if actual != expected:
                 raise DatastoreError(
@@ -227,7 +263,33 @@ class _Shard:
                     f"{expected}); rerun the --save-knnlm-dstore pass"
                 )
 
+    def _location(self, name: str):
+        """(file, bytes before the array) of one of this shard's arrays."""
+        external = self.meta.get(EXTERNAL_KEYS) if name == KEYS_FILE else None
+        if external:
+            return external["path"], int(external["offset"])
+        return os.path.join(self.path, name), NPY_HEADER_BYTES
+
+    def _check_external_keys(self) -> None:
+        """Keys imported by reference (fairseq-knnlm-import) must still be the file
+        that was checked: same size, same sampled rows."""
+        external = self.meta.get(EXTERNAL_KEYS)
+        if not external:
+            return
+        file = external["path"]
+        redo = f"rerun fairseq-knnlm-import for {self.path}, or restore {file}"
+        row_bytes = self.dim * np.dtype(self.meta["keys_dtype"]).itemsize
+        if not os.path.isfile(file) or os.path.getsize(file) != int(external["offset"]) + self.size * row_bytes:
+            raise DatastoreError(f"the keys of {self.path} ({file}) are missing or changed size; {redo}")
+        if sampled_rows_sha256(self.load(KEYS_FILE, False)) != external["sampled_rows_sha256"]:
+            raise DatastoreError(f"the keys of {self.path} ({file}) changed since the import; {redo}")
+
     def load(self, name: str, in_memory: bool) -> np.ndarray:
+        if name == KEYS_FILE and self.meta.get(EXTERNAL_KEYS):
+            file, offset = self._location(name)
+            arr = np.memmap(file, dtype=self.meta["keys_dtype"], mode="r", offset=offset,
+                            shape=(self.size, self.dim))
+            return np.array(arr) if in_memory else arr
         arr = np.load(os.path.join(self.path, name), mmap_mode="r")
         return np.array(arr) if in_memory else arr
 
@@ -300,6 +362,13 @@ class Datastore:
         vals = [s.load(VALS_FILE, in_memory) for s in self.shards]
         self.keys = keys[0] if len(keys) == 1 else RowConcat(keys)
         self.vals = vals[0] if len(vals) == 1 else np.concatenate(vals)
+        # Entry weights of a pruned store (None: every entry counts once).
+        self.counts = None
+        if any(s.has_counts for s in self.shards):
+            if not all(s.has_counts for s in self.shards):
+                raise DatastoreError(f"some shards of {self.path} are pruned and some are not; prune the whole store")
+            counts = [s.load(COUNTS_FILE, in_memory) for s in self.shards]
+            self.counts = counts[0] if len(counts) == 1 else np.concatenate(counts)
         self.meta = dict(first)
         self.meta["size"] = self.size
         self.meta["num_shards"] = len(self.shards)

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import knn_math
+from . import adaptive, knn_math
 from .errors import UserError
 from .keys import check_keytype, key_dim, last_ffn_module
 
@@ -54,13 +54,14 @@ def knnlm_log_probs(
     vals: torch.Tensor,
     lmbda: float,
     temperature: float,
+    counts: torch.Tensor = None,
 ) -> torch.Tensor:
     """The kNN-LM's full distribution: log(λ p_kNN + (1-λ) p_LM) for every token.
 
-    lm_log_probs (n, V) natural log; dists, vals (n, k) as the retriever
-    returns them.  A row whose neighbours are all missing (an IVF search that
-    found nothing) has no kNN distribution, so it keeps the LM's: generation
-    needs every row to sum to 1.
+    lm_log_probs (n, V) natural log; dists, vals (and the counts of a pruned
+    datastore) (n, k) as the retriever returns them.  A row whose neighbours
+    are all missing (an IVF search that found nothing) has no kNN
+    distribution, so it keeps the LM's: generation needs every row to sum to 1.
     """
     if lmbda == 0:
         return lm_log_probs
@@ -70,7 +71,7 @@ def knnlm_log_probs(
     # logaddexp.  This avoids a log and a logaddexp over the whole vocabulary
     # at every decoding step.
     knn_p = lm.new_zeros(lm.shape)  # the full-vocabulary kNN distribution
-    weights = knn_math.neighbor_log_weights(dists, temperature).exp().masked_fill(vals < 0, 0.0)
+    weights = knn_math.neighbor_log_weights(dists, temperature, counts).exp().masked_fill(vals < 0, 0.0)
     tokens = vals.long().clamp(min=0)
     knn_p.scatter_add_(-1, tokens, weights)
     log_keep = math.log1p(-lmbda) if lmbda < 1 else -math.inf
@@ -175,6 +176,7 @@ class _Attachment:
         self.original = original
         self.keys = StepKeys(model, task.args.knn_keytype)
         self.searches = 0  # FAISS calls made, one per decoder step
+        self.retrieval_counts = [0, 0]  # rows searched, rows decided (--knn-retrieval-predictor)
 
     def normalized_probs(self, net_output, log_probs, sample=None):
         lm_lp = self.original(net_output, log_probs=True, sample=sample)
@@ -184,12 +186,45 @@ class _Attachment:
             return lm_lp if log_probs else lm_lp.exp()
         bsz, tsz, vocab = lm_lp.shape
         queries = self.keys.take(bsz, tsz).reshape(bsz * tsz, -1)
-        dists, vals = self.task.retriever.search(queries)
+        selected = self._retrieval_selection(lm_lp.reshape(bsz * tsz, vocab))
+        if selected is not None and not bool(selected.all()):
+            mixed = self._mix_selected(lm_lp.reshape(bsz * tsz, vocab), queries, selected).view(bsz, tsz, vocab)
+            return mixed if log_probs else mixed.exp()
+        dists, vals, counts = self.task.retriever.search(queries, with_counts=True)
         self.searches += 1
         mixed = knnlm_log_probs(
-            lm_lp.reshape(bsz * tsz, vocab), dists, vals, args.lmbda, args.knn_temp
+            lm_lp.reshape(bsz * tsz, vocab), dists, vals, args.lmbda, args.knn_temp, counts
         ).view(bsz, tsz, vocab)
         return mixed if log_probs else mixed.exp()
+
+    def _retrieval_selection(self, lm_lp):
+        """(n,) bool: the rows (hypotheses at this step) --knn-retrieval-predictor sends to the
+        search, from the LM's own distribution; None without a predictor."""
+        predictor = getattr(self.task, "retrieval_predictor", None)
+        if predictor is None:
+            return None
+        scores = predictor.score(adaptive.lm_features(lm_lp))
+        selected = predictor.select(scores, self.task.retrieval_threshold)
+        self.retrieval_counts[0] += int(selected.sum())
+        self.retrieval_counts[1] += len(selected)
+        return torch.from_numpy(selected).to(lm_lp.device)
+
+    def _mix_selected(self, lm_lp, queries, selected):
+        """The kNN-LM distribution for the selected rows, searched alone; the others keep the LM's."""
+        mixed = lm_lp.clone()
+        rows = selected.nonzero().squeeze(1)
+        if rows.numel():
+            args = self.task.args
+            dists, vals, counts = self.task.retriever.search(queries[rows], with_counts=True)
+            self.searches += 1
+            mixed[rows] = knnlm_log_probs(lm_lp[rows], dists, vals, args.lmbda, args.knn_temp, counts)
+        return mixed
+
+
+def retrieval_counts(model):
+    """(rows searched, rows decided) under --knn-retrieval-predictor since attaching ((0, 0) otherwise)."""
+    attached = getattr(model, _ATTR, None)
+    return tuple(attached.retrieval_counts) if attached is not None else (0, 0)
 
 
 def attach_knnlm(model, task) -> None:
@@ -201,6 +236,11 @@ def attach_knnlm(model, task) -> None:
     """
     if getattr(task, "retriever", None) is None:
         raise GenerationError("kNN-LM generation needs the task set up with --knnlm --dstore DIR")
+    if getattr(task.args, "knn_pointers", False):
+        # Pointers need each hypothesis's previous neighbours and chosen token, which
+        # fairseq's generators do not hand to get_normalized_probs.
+        raise GenerationError("--knn-pointers is for scoring text with fairseq-eval-lm; "
+                              "generate without --knn-pointers")
     datastore = getattr(task, "datastore", None)
     if datastore is not None and key_dim(model, task.args.knn_keytype) != datastore.dim:
         raise GenerationError(

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .datastore import Datastore, RowConcat, write_json_atomic
 from .errors import UserError
+from .search_params import apply_faiss_params
 
 FORMAT_VERSION = 1
 INDEX_FILE = "knn.index"
@@ -41,7 +42,10 @@ PQ_CENTROIDS = 256
 # FAISS warns when k-means gets fewer than 39 training points per centroid.
 MIN_POINTS_PER_CENTROID = 39
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
-RECALL_KS = (1, 10, 100)
+# recall@1024: kNN-LM's k (only for stores of at least that many keys).
+RECALL_KS = (1, 10, 100, 1024)
+# Neighbour-key floats read at once while scoring --eval-recall's results.
+RECALL_BLOCK_FLOATS = 1 << 22
 # Bytes of key pages resident at once while reading scattered keys, and rows
 # per block of exact search for --eval-recall.
 GATHER_BYTES = 64 << 20
@@ -130,11 +134,21 @@ def make_index(dim: int, factory: str, metric: str) -> faiss.Index:
             f"FAISS rejects --index-factory {factory!r} for {dim}-dim keys "
             f"({_faiss_message(e)}); see the FAISS wiki page 'The index factory'"
         ) from None
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-    for part in (_ivf(index), inner):
+    for part in _layers(index):
         if hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = False
     return index
+
+
+def _layers(index: faiss.Index) -> Iterator[faiss.Index]:
+    """``index`` and the indexes it wraps: pre-transforms (OPQ, PCA), refine, ID maps."""
+    index = faiss.downcast_index(index)
+    yield index
+    for name in ("index", "base_index"):
+        inner = getattr(index, name, None)
+        if isinstance(inner, faiss.Index):
+            yield from _layers(inner)
+            return
 
 
 def _ivf(index: faiss.Index):
@@ -349,17 +363,24 @@ def _open_datastore(dstore) -> Datastore:
 
 
 def load_index(
-    index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False
+    index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False,
+    faiss_params: Optional[str] = None,
 ) -> Tuple[faiss.Index, Dict]:
     """(index, metadata) of a complete index checked against ``datastore``.
 
-    Sets ``nprobe`` on IVF indexes; ``gpu`` copies the index to all visible
-    GPUs (sharded).  The metadata gains ``path``.
+    Sets ``nprobe`` on the IVF (inside any wrapper) and ``faiss_params``
+    (``--knn-faiss-params``, FAISS ParameterSpace syntax); ``gpu`` then copies
+    the index to all visible GPUs (sharded).  The metadata gains ``path``.
     """
     ds = _open_datastore(datastore)
     index_path = os.path.abspath(str(index_path))
     meta = read_index_meta(index_path)
     check_index_matches(meta, ds, index_path)
+    if "index_bytes" in meta and os.path.getsize(index_path) != meta["index_bytes"]:
+        raise IndexMismatchError(
+            f"index {index_path} ({meta.get('adopted_from')}) changed since it was adopted; "
+            "rerun fairseq-knnlm-import with --indexfile"
+        )
     index = faiss.read_index(index_path)
     if index.ntotal != ds.size:
         raise IndexMismatchError(
@@ -367,6 +388,7 @@ def load_index(
             f"{ds.path} say {ds.size}; rebuild it with {PROG} --dstore {ds.path} --overwrite"
         )
     set_nprobe(index, nprobe)
+    apply_faiss_params(index, faiss_params)
     if gpu:
         _check_gpu()
         index = _to_gpus(index, shard=True)
@@ -654,9 +676,10 @@ def evaluate_recall(index: faiss.Index, reader: KeyReader, n_queries: int, metri
     _, found_ids = index.search(xq, kmax)
     hits = {k: 0 for k in ks}
     better = np.less_equal if metric == "l2" else np.greater_equal
-    for b in range(0, n, 64):
-        q = xq[b : b + 64]
-        t, f = true_ids[b : b + 64], found_ids[b : b + 64]
+    rows = max(1, min(64, RECALL_BLOCK_FLOATS // (kmax * reader.dim)))  # bounded memory at k 1024
+    for b in range(0, n, rows):
+        q = xq[b : b + rows]
+        t, f = true_ids[b : b + rows], found_ids[b : b + rows]
         true_s = _exact_scores(q, reader.take(t.reshape(-1)).reshape(t.shape + (-1,)), metric)
         found_s = _exact_scores(q, reader.take(np.maximum(f, 0).reshape(-1)).reshape(f.shape + (-1,)), metric)
         true_s = np.sort(true_s, axis=1) if metric == "l2" else -np.sort(-true_s, axis=1)
@@ -673,3 +696,107 @@ def format_recall(recall: Dict) -> str:
     values = " ".join(f"{k} {v:.4f}" for k, v in recall.items() if k.startswith("recall@"))
     probe = f", nprobe {recall['nprobe']}" if recall.get("nprobe") else ""
     return f"{values} ({recall['queries']} stored keys as queries{probe})"
+
+
+# ---------------------------------------------------------------- adopt
+
+METRIC_NAMES = {v: k for k, v in METRICS.items()}
+
+
+def describe_index(index: faiss.Index) -> str:
+    """An index_factory-style name of an index read from disk, e.g. IVF4096,PQ64."""
+    ivf = _ivf(index)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        nbits = f"x{ivf.pq.nbits}" if ivf.pq.nbits != 8 else ""
+        return f"IVF{ivf.nlist},PQ{ivf.pq.M}{nbits}"
+    if ivf is not None:
+        return f"IVF{ivf.nlist},{type(ivf).__name__}"
+    return type(index).__name__  # read_index returns the concrete class
+
+
+def read_foreign_index(path: str, size: int, dim: int) -> Tuple[faiss.Index, str]:
+    """(index, metric) of an index made elsewhere (e.g. by the original kNN-LM
+    code), checked to hold ``size`` keys of ``dim``.  Inverted lists are
+    memory-mapped, not loaded: checking a 100M-key index needs little RAM."""
+    path = os.path.abspath(str(path))
+    if not os.path.isfile(path):
+        raise IndexBuildError(f"no index at {path}; check --indexfile")
+    try:
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise IndexBuildError(f"FAISS cannot read {path} ({_faiss_message(e)}); check --indexfile") from None
+    metric = METRIC_NAMES.get(index.metric_type)
+    if metric is None:
+        raise IndexBuildError(
+            f"index {path} uses FAISS metric {index.metric_type}; kNN-LM needs an L2 or inner-product index"
+        )
+    if index.d != dim or index.ntotal != size:
+        raise IndexMismatchError(
+            f"index {path} holds {index.ntotal} keys of dim {index.d} but the datastore has "
+            f"{size} of dim {dim}: it is an index of another store; give its own --indexfile "
+            "or leave it out and build one with " + PROG
+        )
+    return index, metric
+
+
+def self_recall(index: faiss.Index, keys, queries: int = 1000, k: int = 1024,
+                nprobe: Optional[int] = 32, seed: int = 1, progress: bool = False) -> Dict:
+    """Stored keys searched in ``index``: the fraction that find their own
+    position among their ``k`` nearest ids (``at_k``) and at rank 1 (``at_1``).
+
+    An index over other keys, or whose ids are not the store's positions,
+    scores near 0; an index of this store near 1 (only quantisation error can
+    push a key below others).
+    """
+    reader = KeyReader(keys)
+    n, k = min(int(queries), reader.size), min(int(k), reader.size)
+    ids = _sample_ids(reader.size, n, seed)
+    xq = reader.take(ids)
+    set_nprobe(index, nprobe)
+    found = np.empty((n, k), np.int64)
+    with tqdm(total=n, desc="self-recall", unit="queries", disable=not progress, file=sys.stderr) as bar:
+        for b in range(0, n, 100):
+            _, found[b : b + 100] = index.search(xq[b : b + 100], k)
+            bar.update(min(100, n - b))
+    hit = found == ids[:, None]
+    ivf = _ivf(index)
+    return dict(queries=n, k=k, nprobe=ivf.nprobe if ivf is not None else None,
+                found=int(hit.any(1).sum()), at_k=round(float(hit.any(1).mean()), 4),
+                at_1=round(float(hit[:, 0].mean()), 4), seed=int(seed))
+
+
+def format_self_recall(recall: Dict) -> str:
+    probe = f", nprobe {recall['nprobe']}" if recall.get("nprobe") else ""
+    return (
+        f"self-recall {recall['at_k']:.4f}: {recall['found']} of {recall['queries']} sampled stored keys "
+        f"find themselves among their {recall['k']} nearest (at rank 1: {recall['at_1']:.4f}{probe})"
+    )
+
+
+def adopt_index(source: str, datastore, index: faiss.Index, metric: str, recall: Dict,
+                output: Optional[str] = None) -> Dict:
+    """Make ``source``, an index checked by :func:`read_foreign_index` and
+    :func:`self_recall`, the index of ``datastore``: ``output`` (default
+    ``DSTORE/knn.index``) becomes a symbolic link to it (no copy), then the
+    sidecar is written, last, as the builder writes it."""
+    ds = _open_datastore(datastore)
+    source = os.path.abspath(str(source))
+    output = os.path.abspath(str(output or default_index_path(ds.path)))
+    _remove(meta_path(output))  # an old sidecar must never vouch for the new index
+    if output != source:
+        link = output + ".tmp"
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(source, link)
+        os.replace(link, output)
+    ivf = _ivf(index)
+    meta = dict(
+        format_version=FORMAT_VERSION, factory=describe_index(index), metric=metric, dim=ds.dim,
+        datastore_fingerprint=ds.fingerprint, datastore_size=ds.size, datastore_path=ds.path,
+        ntotal=int(index.ntotal), keys_dtype=str(ds.keys.dtype),
+        nprobe=int(ivf.nprobe) if ivf is not None else None,
+        adopted_from=source, index_bytes=os.path.getsize(source), self_recall=recall,
+        faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    write_json_atomic(meta_path(output), meta)
+    return meta

@@ -14,38 +14,48 @@ from .errors import UserError
 SIM_FUNCS = ("faiss", "l2", "ip")
 
 
-def neighbor_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(-d / T) over the k neighbours (last dim), in float32.
+def neighbor_log_weights(dists: torch.Tensor, temperature: float, counts: torch.Tensor = None) -> torch.Tensor:
+    """log softmax(-d / T + log count) over the k neighbours (last dim), in float32.
 
+    ``counts`` (same shape as ``dists``): how many original entries each
+    neighbour of a pruned datastore stands for, so its weight is
+    count * exp(-d / T).  Without counts the arithmetic is exactly the plain
+    kNN-LM's, and counts of 1 add log 1 = 0, which changes no bit.
     Neighbours at distance +inf (slots the index could not fill) get weight 0;
     a row with none at all gets -inf everywhere instead of NaN.
     """
     logits = -dists.float() / temperature
+    if counts is not None:
+        logits = logits + counts.float().log()
     log_w = torch.log_softmax(logits, dim=-1)
     return torch.where(torch.isfinite(logits), log_w, torch.full_like(log_w, -math.inf))
 
 
 def knn_target_log_probs(
-    dists: torch.Tensor, neighbor_vals: torch.Tensor, targets: torch.Tensor, temperature: float
+    dists: torch.Tensor, neighbor_vals: torch.Tensor, targets: torch.Tensor, temperature: float,
+    counts: torch.Tensor = None,
 ) -> torch.Tensor:
     """log p_kNN(target): log of the summed weights of neighbours whose value is the target.
 
-    dists, neighbor_vals: (n, k); targets: (n,).  -inf where no neighbour matches.
+    dists, neighbor_vals (and the optional ``counts`` of a pruned store): (n, k);
+    targets: (n,).  -inf where no neighbour matches.
     """
-    log_w = neighbor_log_weights(dists, temperature)
+    log_w = neighbor_log_weights(dists, temperature, counts)
     match = neighbor_vals.long() == targets.long().unsqueeze(-1)
     return torch.logsumexp(log_w.masked_fill(~match, -math.inf), dim=-1)
 
 
 def knn_vocab_log_probs(
-    dists: torch.Tensor, neighbor_vals: torch.Tensor, vocab_size: int, temperature: float
+    dists: torch.Tensor, neighbor_vals: torch.Tensor, vocab_size: int, temperature: float,
+    counts: torch.Tensor = None,
 ) -> torch.Tensor:
     """The full kNN distribution over the vocabulary, (n, vocab_size), natural log.
 
     Unfilled slots (value -1) are scattered onto token 0 with weight 0.
+    ``counts``: as in :func:`neighbor_log_weights`.
     """
     missing = neighbor_vals < 0
-    weights = neighbor_log_weights(dists, temperature).exp().masked_fill(missing, 0.0)
+    weights = neighbor_log_weights(dists, temperature, counts).exp().masked_fill(missing, 0.0)
     probs = weights.new_zeros(weights.shape[:-1] + (vocab_size,))
     probs.scatter_add_(-1, neighbor_vals.long().clamp(min=0), weights)
     return probs.log()

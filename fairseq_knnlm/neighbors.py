@@ -9,6 +9,10 @@ DIR``) holding, in the order fairseq-eval-lm scored the tokens::
                                        (float16 with fp16_dists)
     vals.npy          (n, k)  int32    neighbour values (next tokens); -1: no neighbour
     segments.npy      (m,)    int64    rows per scored sequence (eval-lm's summation unit)
+    lm_features.npy   (n, f)  float32  optional: the LM's features of adaptive.FEATURE_NAMES
+                                       (names in meta.json ``lm_feature_names``)
+    counts.npy        (n, k)  int32    optional, pruned datastores only: each neighbour's
+                                       count (its weight is count * exp(-d / T))
     meta.json                          written last; see docs/SWEEP.md
 
 Crash safety is the datastore's: the writer streams into ``DIR.partial``,
@@ -25,7 +29,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -47,11 +51,15 @@ LM_FILE = "lm_log_probs.npy"
 DISTS_FILE = "dists.npy"
 VALS_FILE = "vals.npy"
 SEGMENTS_FILE = "segments.npy"
+LM_FEATURES_FILE = "lm_features.npy"
+COUNTS_FILE = "counts.npy"
 
 TARGETS_DTYPE = np.dtype(np.int32)
 LM_DTYPE = np.dtype(np.float32)
 VALS_DTYPE = np.dtype(np.int32)
 SEGMENTS_DTYPE = np.dtype(np.int64)
+LM_FEATURES_DTYPE = np.dtype(np.float32)
+COUNTS_DTYPE = np.dtype(np.int32)
 FP16_MAX = float(np.finfo(np.float16).max)
 # Distances at least this large are "no neighbour" sentinels (FAISS pads
 # unfilled slots with FLT_MAX or +inf); they may become +inf in float16.
@@ -61,6 +69,7 @@ SENTINEL_DIST = 1e30
 RESERVED_META = (
     "format_version", "kind", "id", "n", "k", "num_segments", "created",
     "targets_dtype", "lm_log_probs_dtype", "dists_dtype", "vals_dtype", "segments_dtype",
+    "lm_feature_names", "lm_features_dtype", "counts_dtype",
 )
 
 
@@ -86,13 +95,18 @@ class NeighborsWriter:
     which readers refuse and the next writer replaces.
     """
 
-    def __init__(self, path: str, k: int, meta: dict, fp16_dists: bool = False, overwrite: bool = False):
+    def __init__(self, path: str, k: int, meta: dict, fp16_dists: bool = False, overwrite: bool = False,
+                 feature_names=None, with_counts: bool = False):
         if int(k) < 1:
             raise NeighborsError(f"cannot save {k} neighbours per token; --k must be at least 1")
         self.final_dir = os.path.abspath(str(path).rstrip("/"))
         self.k = int(k)
         self.dists_dtype = np.dtype(np.float16 if fp16_dists else np.float32)
         self.overwrite = overwrite
+        # LM features (adaptive retrieval), one column per name; every append then gives them.
+        self.feature_names = list(feature_names) if feature_names else None
+        # Neighbour counts of a pruned datastore; every append then gives them.
+        self.with_counts = bool(with_counts)
         try:  # fail now, not after hours of scoring
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -115,14 +129,20 @@ class NeighborsWriter:
             self._files[name] = f
 
     def _layout(self, n: int):
-        return (
+        layout = (
             (TARGETS_FILE, TARGETS_DTYPE, (n,)),
             (LM_FILE, LM_DTYPE, (n,)),
             (DISTS_FILE, self.dists_dtype, (n, self.k)),
             (VALS_FILE, VALS_DTYPE, (n, self.k)),
         )
+        if self.feature_names:
+            layout += ((LM_FEATURES_FILE, LM_FEATURES_DTYPE, (n, len(self.feature_names))),)
+        if self.with_counts:
+            layout += ((COUNTS_FILE, COUNTS_DTYPE, (n, self.k)),)
+        return layout
 
-    def append(self, targets, lm_log_probs, dists, neighbor_vals, lengths=None) -> None:
+    def append(self, targets, lm_log_probs, dists, neighbor_vals, lengths=None, lm_features=None,
+               counts=None) -> None:
         """Add n scored tokens, in the order fairseq-eval-lm scores them.
 
         targets (n,) int, lm_log_probs (n,) float, dists (n, k) float,
@@ -130,7 +150,9 @@ class NeighborsWriter:
         sequences (hypotheses) these rows belong to, summing to n; without it
         the whole call counts as one sequence.  Sequences are the units
         fairseq-eval-lm sums in float32, so passing them lets the sweep
-        reproduce its perplexity to the last digit.
+        reproduce its perplexity to the last digit.  ``lm_features`` (n, f):
+        required when the writer was made with ``feature_names``, refused otherwise;
+        ``counts`` (n, k) likewise with ``with_counts``.
         """
         targets, lm = _as_numpy(targets), _as_numpy(lm_log_probs)
         dists, vals = _as_numpy(dists), _as_numpy(neighbor_vals)
@@ -143,6 +165,20 @@ class NeighborsWriter:
                 f"cannot append targets {targets.shape}, lm_log_probs {lm.shape}, dists "
                 f"{dists.shape}, vals {vals.shape} to neighbours saved with k={self.k}; "
                 f"pass (n,), (n,), (n, {self.k}), (n, {self.k}) arrays"
+            )
+        if self.feature_names:
+            width = len(self.feature_names)
+            if lm_features is None or _as_numpy(lm_features).shape != (n, width):
+                got = None if lm_features is None else _as_numpy(lm_features).shape
+                raise NeighborsError(f"pass lm_features of shape ({n}, {width}) with every append, got {got}")
+        elif lm_features is not None:
+            raise NeighborsError("lm_features given to a writer made without feature_names")
+        if self.with_counts != (counts is not None) or (
+            counts is not None and _as_numpy(counts).shape != (n, self.k)
+        ):
+            raise NeighborsError(
+                f"pass neighbour counts of shape ({n}, {self.k}) with every append exactly when "
+                f"the writer has with_counts ({self.with_counts})"
             )
         if not (np.issubdtype(targets.dtype, np.integer) and np.issubdtype(vals.dtype, np.integer)):
             raise NeighborsError(
@@ -172,6 +208,11 @@ class NeighborsWriter:
         self._files[LM_FILE].write(np.ascontiguousarray(lm, dtype=LM_DTYPE).tobytes())
         self._files[DISTS_FILE].write(dists_out.tobytes())
         self._files[VALS_FILE].write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        if self.feature_names:
+            self._files[LM_FEATURES_FILE].write(
+                np.ascontiguousarray(_as_numpy(lm_features), dtype=LM_FEATURES_DTYPE).tobytes())
+        if self.with_counts:
+            self._files[COUNTS_FILE].write(np.ascontiguousarray(_as_numpy(counts), dtype=COUNTS_DTYPE).tobytes())
         self.segments.extend(x for x in lengths if x > 0)
         self.n += n
 
@@ -205,6 +246,10 @@ class NeighborsWriter:
             segments_dtype=SEGMENTS_DTYPE.name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+        if self.feature_names:
+            meta.update(lm_feature_names=self.feature_names, lm_features_dtype=LM_FEATURES_DTYPE.name)
+        if self.with_counts:
+            meta.update(counts_dtype=COUNTS_DTYPE.name)
         return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
@@ -234,6 +279,8 @@ class Neighbors:
     dists: np.ndarray         # (n, k) float32 or float16 (RowConcat when sharded)
     vals: np.ndarray          # (n, k) int32 (RowConcat when sharded)
     segments: np.ndarray      # (m,) int64, rows per scored sequence, sum n
+    lm_features: Optional[np.ndarray] = None  # (n, f) float32, files saved with LM features only
+    counts: Optional[np.ndarray] = None       # (n, k) int32, neighbours of pruned datastores only
 
     @property
     def k(self) -> int:
@@ -245,6 +292,11 @@ class Neighbors:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def feature_names(self) -> List[str]:
+        """Names of the columns of ``lm_features`` (empty for files saved without them)."""
+        return list(self.meta.get("lm_feature_names") or []) if self.lm_features is not None else []
 
     def check_k(self, k: int) -> None:
         if k > self.k:
@@ -310,6 +362,11 @@ def _read_single(path: str) -> Neighbors:
         vals=_open_array(path, VALS_FILE, VALS_DTYPE, (n, k)),
         segments=np.array(_open_array(path, SEGMENTS_FILE, SEGMENTS_DTYPE, (num_segments,))),
     )
+    names = meta.get("lm_feature_names")
+    if names:
+        arrays["lm_features"] = _open_array(path, LM_FEATURES_FILE, LM_FEATURES_DTYPE, (n, len(names)))
+    if "counts_dtype" in meta:
+        arrays["counts"] = _open_array(path, COUNTS_FILE, COUNTS_DTYPE, (n, k))
     if int(arrays["segments"].sum()) != n or (arrays["segments"] < 0).any():
         raise NeighborsError(f"{os.path.join(path, SEGMENTS_FILE)} does not add up to {n} rows; {RERUN}")
     return Neighbors(path=path, meta=meta, **arrays)
@@ -318,7 +375,7 @@ def _read_single(path: str) -> Neighbors:
 # Fields every shard of one run must agree on.
 SHARD_FIELDS = (
     "k", "dists_dtype", "sim_func", "dstore_fingerprint", "checkpoint_sha256",
-    "dictionary_md5", "data", "split", "num_shards",
+    "dictionary_md5", "data", "split", "num_shards", "counts_dtype",
 )
 
 
@@ -362,6 +419,10 @@ def read_neighbors(path: str) -> Neighbors:
                     f"shards of {path} disagree on {field}; save them all with the same model and flags"
                 )
     meta = dict(first)
+    with_features = all(s.lm_features is not None for s in shards) and len(
+        {tuple(s.feature_names) for s in shards}) == 1
+    if not with_features:
+        meta.pop("lm_feature_names", None)
     meta.update(n=sum(s.n for s in shards), num_segments=sum(len(s.segments) for s in shards),
                 shard_ids=[s.meta.get("id") for s in shards])
     return Neighbors(
@@ -372,4 +433,6 @@ def read_neighbors(path: str) -> Neighbors:
         dists=RowConcat([s.dists for s in shards]),
         vals=RowConcat([s.vals for s in shards]),
         segments=np.concatenate([s.segments for s in shards]),
+        lm_features=np.concatenate([s.lm_features for s in shards]) if with_features else None,
+        counts=RowConcat([s.counts for s in shards]) if first.get("counts_dtype") else None,
     )

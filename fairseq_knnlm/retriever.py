@@ -1,11 +1,14 @@
 """Nearest-neighbour retrieval: queries in, (distances, values) of the k nearest keys out."""
 
+from typing import Optional
+
 import faiss
 import numpy as np
 import torch
 
 from .datastore import Datastore
 from .errors import UserError
+from .search_params import check_candidates
 
 # Neighbour-key floats gathered at once when the keys cannot be read in place
 # (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.
@@ -23,9 +26,12 @@ class KNNRetriever:
     ``faiss`` the index's own (squared L2, or negated inner product for IP
     indexes; no key reads), ``l2`` exact squared L2 recomputed from the stored
     keys, ``ip`` exact negated inner products from the stored keys.
+    ``candidates`` (``--knn-candidates``, l2/ip only): FAISS searches this many
+    and the k nearest by exact distance are kept; None or k is the plain search.
     """
 
-    def __init__(self, datastore: Datastore, index, index_meta: dict, k: int, sim_func: str):
+    def __init__(self, datastore: Datastore, index, index_meta: dict, k: int, sim_func: str,
+                 candidates: Optional[int] = None):
         metric = index_meta.get("metric", "l2")
         if sim_func in ("l2", "ip") and sim_func != metric:
             raise RetrievalConfigError(
@@ -43,26 +49,76 @@ class KNNRetriever:
         self.metric = metric
         self.k = k
         self.sim_func = sim_func
+        # --knn-candidates: FAISS returns this many, re-ranked by exact distance to k
+        self.candidates = check_candidates(candidates, k, sim_func, datastore.size)
+        self.queries_searched = 0  # FAISS queries made, for the end-of-run report
 
-    def search(self, queries: torch.Tensor):
+    def search(self, queries: torch.Tensor, with_counts: bool = False, with_ids: bool = False):
         """queries (n, dim) -> dists (n, k) float32, vals (n, k) int64, on queries' device.
 
         Slots FAISS could not fill (id -1) get distance +inf and value -1, so
-        they carry no weight and match no token.
+        they carry no weight and match no token.  ``with_counts`` adds a third
+        result: the neighbours' counts (n, k) int32 in a pruned datastore
+        (1 in unfilled slots), or None for a store without counts.  A pruned
+        store must be searched with counts: its entries weigh count * exp(-d / T).
+        ``with_ids`` (stores without counts) adds instead the neighbours' datastore
+        ids (n, k) int64 numpy, -1 in unfilled slots, for --knn-pointers.
         """
+        if self.datastore.counts is not None and not with_counts:
+            raise RuntimeError("a pruned datastore was searched without its counts; pass with_counts=True")
         device = queries.device
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        scores, ids = self.index.search(q, self.k)
+        self.queries_searched += len(q)
+        scores, ids, exact = self._index_search(q)
         missing = ids < 0
         safe_ids = np.where(missing, 0, ids)
         vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)
         vals[missing] = -1
         if self.sim_func == "faiss":
             dists = torch.from_numpy(scores if self.metric == "l2" else -scores)
+        elif exact is not None:
+            dists = exact  # already recomputed to re-rank the candidates
         else:
             dists = self._recompute(q, safe_ids)
         dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
+        if with_ids:
+            return dists.to(device), torch.from_numpy(vals).to(device), ids
+        if with_counts:
+            return dists.to(device), torch.from_numpy(vals).to(device), self._counts(safe_ids, missing, device)
         return dists.to(device), torch.from_numpy(vals).to(device)
+
+    def _index_search(self, q: np.ndarray):
+        """(scores, ids, exact distances or None) of the k nearest of each query.
+
+        Without --knn-candidates, FAISS's k results as they are.  With N > k
+        candidates, the k of FAISS's N nearest by exact distance, in a stable
+        order (exact distance, then FAISS's rank); unfilled slots sort last.
+        """
+        if self.candidates == self.k:
+            scores, ids = self.index.search(q, self.k)
+            return scores, ids, None
+        scores, ids = self.index.search(q, self.candidates)
+        missing = ids < 0
+        exact = self._recompute(q, np.where(missing, 0, ids)).numpy()
+        order = np.argsort(np.where(missing, np.inf, exact), axis=1, kind="stable")[:, : self.k]
+
+        def pick(a):
+            return np.ascontiguousarray(np.take_along_axis(a, order, axis=1))
+
+        return pick(scores), pick(ids), torch.from_numpy(pick(exact))
+
+    def _counts(self, ids: np.ndarray, missing: np.ndarray, device):
+        """Counts of the entries at ``ids`` (1 where ``missing``), or None without counts."""
+        if self.datastore.counts is None:
+            return None
+        counts = self.datastore.counts[ids.reshape(-1)].reshape(ids.shape).astype(np.int32)
+        counts[missing] = 1
+        return torch.from_numpy(counts).to(device)
+
+    def entry_distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact --knn-sim-func l2/ip distances from queries (n, dim) to the entries ids (n, w) >= 0."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return self._recompute(q, np.ascontiguousarray(ids, dtype=np.int64)).numpy()
 
     def _recompute(self, queries: np.ndarray, ids: np.ndarray) -> torch.Tensor:
         """Exact distances from the stored keys, by FAISS's by-index kernels.

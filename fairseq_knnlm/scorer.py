@@ -11,10 +11,13 @@ plain evaluation that normalises over the context window too.
 import logging
 import sys
 
+from typing import NamedTuple, Optional
+
 import numpy as np
 import torch
+from fairseq import utils as fairseq_utils
 
-from . import knn_math
+from . import adaptive, knn_math
 from .datastore import DatastoreWriter
 from .errors import UserError
 from .keys import KeyCapture
@@ -34,8 +37,12 @@ def scored_mask(sample, pad: int) -> torch.Tensor:
     return mask
 
 
-def lm_target_log_probs(model, features, extra, targets, chunk: int) -> torch.Tensor:
-    """log p_LM(target) for rows of ``features`` (n, dim), in chunks of ``chunk`` rows."""
+def lm_target_log_probs(model, features, extra, targets, chunk: int, lm_features_out=None) -> torch.Tensor:
+    """log p_LM(target) for rows of ``features`` (n, dim), in chunks of ``chunk`` rows.
+
+    ``lm_features_out``: a list that receives each chunk's adaptive-retrieval
+    features of the LM's distribution (:func:`adaptive.lm_features`).
+    """
     out = []
     for s in range(0, features.size(0), chunk):
         feats = features[s : s + chunk].unsqueeze(0)
@@ -47,7 +54,20 @@ def lm_target_log_probs(model, features, extra, targets, chunk: int) -> torch.Te
             model, (logits, extra), log_probs=True, sample={"target": tgt}
         )
         out.append(lprobs.gather(-1, tgt.unsqueeze(-1)).view(-1).float())
+        if lm_features_out is not None:
+            lm_features_out.append(adaptive.lm_features(lprobs.view(-1, lprobs.size(-1))))
     return torch.cat(out) if out else features.new_zeros(0)
+
+
+class _Batch(NamedTuple):
+    """A batch after the model's forward pass: what the search step needs."""
+
+    mask: torch.Tensor  # (bsz, tsz) scored positions
+    keep_rows: torch.Tensor  # (bsz,) rows scored (not priming context)
+    targets: torch.Tensor  # (n,) scored targets
+    lm_lp: torch.Tensor  # (n,) log p_LM(target)
+    lm_feats: Optional[torch.Tensor]  # (n, f) adaptive-retrieval features, or None
+    queries: torch.Tensor  # (n, dim) kNN keys
 
 
 class KNNSequenceScorer:
@@ -64,6 +84,8 @@ class KNNSequenceScorer:
         self.neighbors_writer = None
         self.capture = None
         self.tokens = 0
+        self.retrieval_counts = [0, 0]  # tokens searched, tokens decided (--knn-retrieval-predictor)
+        self.overlap = None  # --knn-overlap's SearchOverlap, made at the first batch
 
     # ----------------------------------------------------------- main entry
     @torch.no_grad()
@@ -75,6 +97,20 @@ class KNNSequenceScorer:
         if self.capture is None:
             self.capture = KeyCapture(model, self.args.knn_keytype)
 
+        if getattr(self.args, "knn_overlap", False):
+            batch, scores = self._overlapped(model, sample)
+        else:
+            batch = self._prepare(model, sample)
+            if self.args.save_knnlm_dstore:
+                self._write_dstore(batch.queries, batch.targets)
+                scores = batch.lm_lp
+            else:
+                scores = self._search_step(batch)
+        self.tokens += batch.targets.numel()
+        return self._hypos(batch.mask, batch.keep_rows, batch.targets, scores)
+
+    def _prepare(self, model, sample) -> "_Batch":
+        """The model's part of a batch: forward pass, scored positions, LM log-probs, keys."""
         features, extra = model(**sample["net_input"], features_only=True)
         keys = self.capture.keys(features)
         mask = scored_mask(sample, self.pad)
@@ -83,15 +119,36 @@ class KNNSequenceScorer:
         mask &= keep_rows.to(mask.device).unsqueeze(1)
 
         targets = sample["target"][mask]
-        lm_lp = lm_target_log_probs(model, features[mask], extra, targets, self.chunk)
+        lm_feats = [] if self._wants_lm_features() else None
+        lm_lp = lm_target_log_probs(model, features[mask], extra, targets, self.chunk, lm_feats)
+        lm_feats = torch.cat(lm_feats) if lm_feats else None
         queries = keys[mask]
-        if self.args.save_knnlm_dstore:
-            self._write_dstore(queries, targets)
-            scores = lm_lp
-        else:
-            scores = self._knn_scores(queries, targets, lm_lp, mask.sum(dim=1))
-        self.tokens += targets.numel()
-        return self._hypos(mask, keep_rows, targets, scores)
+        return _Batch(mask, keep_rows, targets, lm_lp, lm_feats, queries)
+
+    @torch.no_grad()  # grad mode is per thread: also when run by --knn-overlap's worker
+    def _search_step(self, batch: "_Batch"):
+        """The retrieval's part of a batch: search, kNN probabilities, interpolation."""
+        return self._knn_scores(
+            batch.queries, batch.targets, batch.lm_lp, batch.mask.sum(dim=1), lm_features=batch.lm_feats
+        )
+
+    def _overlapped(self, model, sample):
+        """--knn-overlap: this batch's search step runs in a worker thread while the
+        model prepares the next batch (kept for the next call); same results."""
+        if self.overlap is None:
+            from .overlap import SearchOverlap
+            from .search_params import thread_setter
+
+            peek = self.task.lookahead.peek if self.task.lookahead is not None else (lambda: None)
+            self.overlap = SearchOverlap(peek, key=lambda s: tuple(s["id"].tolist()), thread_init=thread_setter())
+        device = next(model.parameters()).device
+
+        def prepare(s):
+            if device.type == "cuda":  # eval-lm moves only the batch it hands over
+                s = fairseq_utils.move_to_cuda(s, device=device)
+            return self._prepare(model, s)
+
+        return self.overlap.run(sample, prepare, self._search_step, ready=lambda s: "net_input" in s)
 
     def _hypos(self, mask, keep_rows, targets, scores):
         """One hypothesis per kept row, as SequenceScorer returns them."""
@@ -126,16 +183,61 @@ class KNNSequenceScorer:
         )
 
     # ------------------------------------------------------------ kNN-LM
-    def _knn_scores(self, queries, targets, lm_lp, row_lengths):
+    def _knn_scores(self, queries, targets, lm_lp, row_lengths, lm_features=None):
         if self.args.lmbda == 0 and self.args.knn_save_neighbors is None:
             return lm_lp  # λ = 0 is the plain LM: skip the search entirely
-        dists, vals = self.task.retriever.search(queries)
-        knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp)
+        selected = self._retrieval_selection(lm_features)
+        if self.task.pointers is not None:
+            return self._pointer_knn_scores(queries, targets, lm_lp, row_lengths, selected, lm_features)
+        if selected is not None and not bool(selected.all()):
+            return self._selective_knn_scores(queries, targets, lm_lp, selected)
+        # counts: entry weights of a pruned datastore, None otherwise
+        dists, vals, counts = self.task.retriever.search(queries, with_counts=True)
+        knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp, counts)
         if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths)
+            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, counts)
         return knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
 
-    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths):
+    def _pointer_knn_scores(self, queries, targets, lm_lp, row_lengths, selected, lm_features):
+        """--knn-pointers: each token's neighbours come from pointers or from a search (pointers.py).
+
+        Saved neighbours are the ones used: pointer candidates sorted by distance, padded (+inf, -1).
+        """
+        dists, vals = self.task.pointers.score_rows(queries, targets, row_lengths, selected)
+        knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp)
+        if self.args.knn_save_neighbors:
+            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features)
+        scores = knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
+        return scores if selected is None else torch.where(selected, scores, lm_lp)
+
+    # ------------------------------------------------- adaptive retrieval
+    def _wants_lm_features(self) -> bool:
+        """LM features are computed to be saved with neighbours or to decide which tokens to search."""
+        return bool(self.args.knnlm) and (
+            bool(self.args.knn_save_neighbors) or getattr(self.task, "retrieval_predictor", None) is not None
+        )
+
+    def _retrieval_selection(self, lm_features):
+        """(n,) bool: tokens --knn-retrieval-predictor sends to the search; None without one."""
+        predictor = getattr(self.task, "retrieval_predictor", None)
+        if predictor is None:
+            return None
+        selected = predictor.select(predictor.score(lm_features), self.task.retrieval_threshold)
+        self.retrieval_counts[0] += int(selected.sum())
+        self.retrieval_counts[1] += len(selected)
+        return torch.from_numpy(selected).to(lm_features.device)
+
+    def _selective_knn_scores(self, queries, targets, lm_lp, selected):
+        """kNN-LM scores for the selected tokens, searched alone; the others keep the LM's."""
+        scores = lm_lp.clone()
+        rows = selected.nonzero().squeeze(1)
+        if rows.numel():
+            dists, vals, counts = self.task.retriever.search(queries[rows], with_counts=True)
+            knn_lp = knn_math.knn_target_log_probs(dists, vals, targets[rows], self.args.knn_temp, counts)
+            scores[rows] = knn_math.interpolate(lm_lp[rows], knn_lp, self.args.lmbda)
+        return scores
+
+    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths, lm_features=None, counts=None):
         if self.neighbors_writer is None:
             from .neighbors import NeighborsWriter
 
@@ -146,6 +248,9 @@ class KNNSequenceScorer:
                 lmbda=self.args.lmbda,
                 knn_temp=self.args.knn_temp,
                 probe=self.args.probe,
+                candidates=self.task.retriever.candidates,
+                faiss_params=self.args.knn_faiss_params,
+                pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,
                 dstore=self.task.datastore.path,
                 dstore_fingerprint=self.task.datastore.fingerprint,
                 dstore_size=self.task.datastore.size,
@@ -158,6 +263,8 @@ class KNNSequenceScorer:
                 info,
                 fp16_dists=self.args.knn_save_neighbors_fp16,
                 overwrite=self.args.knn_save_neighbors_overwrite,
+                feature_names=adaptive.FEATURE_NAMES if lm_features is not None else None,
+                with_counts=counts is not None,
             )
         self.neighbors_writer.append(
             targets.cpu().numpy(),
@@ -166,11 +273,17 @@ class KNNSequenceScorer:
             vals.to(torch.int32).cpu().numpy(),
             # eval-lm sums scores per sequence in float32; the sweep repeats that exactly.
             lengths=row_lengths.cpu().numpy(),
+            lm_features=None if lm_features is None else lm_features.cpu().numpy(),
+            counts=None if counts is None else counts.cpu().numpy(),
         )
 
     # ------------------------------------------------------------ the end
     def finish(self):
         """Commit what this pass wrote; called once eval-lm has seen every batch."""
+        if self.overlap is not None:
+            self.overlap.close()
+            logger.info(f"--knn-overlap: {self.overlap.prepared_ahead:,} batches computed while "
+                        "the previous batch was searched")
         if self.args.save_knnlm_dstore:
             if self.dstore_writer is None:
                 raise UserError("no scored tokens: the datastore would be empty; check --gen-subset")
@@ -182,6 +295,19 @@ class KNNSequenceScorer:
             )
             path = self.dstore_writer.commit(info)
             logger.info(f"datastore: {self.dstore_writer.size:,} entries written to {path}")
+        retriever = self.task.retriever
+        if retriever is not None and self.tokens:
+            # One parseable line: benchmarks read the searches per scored token from it.
+            logger.info(
+                f"kNN searches: {retriever.queries_searched:,} for {self.tokens:,} scored tokens "
+                f"({retriever.queries_searched / self.tokens:.4f} per token)"
+            )
+        if self.task.pointers is not None and self.task.pointers.tokens:
+            logger.info(self.task.pointers.report())  # benchmarks parse this line
+        if self.retrieval_counts[1]:
+            searched, decided = self.retrieval_counts
+            logger.info(f"adaptive retrieval: searched {searched:,} of {decided:,} scored tokens "
+                        f"({searched / decided:.4f}); the others kept the LM's log-probability")
         if self.neighbors_writer is not None:
             path = self.neighbors_writer.commit()
             logger.info(f"neighbours of {self.tokens:,} tokens saved to {path}")

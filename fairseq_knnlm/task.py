@@ -18,7 +18,10 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from . import knn_math
+from .adaptive import check_retrieval_flags, load_for_run
 from .errors import UserError
+from .overlap import check_overlap_flags
+from .search_params import set_threads
 from .datastore import (
     Datastore,
     DatastoreError,
@@ -65,12 +68,61 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
     )
     dstore_in_memory: bool = field(default=False, metadata={"help": "load keys and values into RAM"})
     knn_gpu: bool = field(default=False, metadata={"help": "search the index on all visible GPUs"})
+    # Search speed (search_params.py, overlap.py)
+    knn_faiss_params: Optional[str] = field(
+        default=None,
+        metadata={"help": "FAISS search parameters in ParameterSpace syntax, applied after --probe, e.g. "
+                  "quantizer_efSearch=64 (HNSW coarse quantizer), k_factor_rf=4 (RFlat refine), ht=..."},
+    )
+    knn_candidates: Optional[int] = field(
+        default=None,
+        metadata={"help": "search N >= k candidates and keep the k nearest by exact distance "
+                  "(needs --knn-sim-func l2 or ip; default: k, i.e. no re-ranking)"},
+    )
+    knn_faiss_threads: Optional[int] = field(
+        default=None, metadata={"help": "OpenMP threads of FAISS searches (default: FAISS's, OMP_NUM_THREADS)"}
+    )
+    knn_torch_threads: Optional[int] = field(
+        default=None, metadata={"help": "torch threads of the model (torch.set_num_threads; default: torch's)"}
+    )
+    knn_overlap: bool = field(
+        default=False,
+        metadata={"help": "search each batch in a worker thread while the model computes the next "
+                  "(fairseq-eval-lm; same results as without)"},
+    )
     knn_save_neighbors: Optional[str] = field(
         default=None, metadata={"help": "save every scored token's neighbours here for fairseq-knnlm-sweep"}
     )
     knn_save_neighbors_fp16: bool = field(default=False, metadata={"help": "store saved distances as float16"})
     knn_save_neighbors_overwrite: bool = field(
         default=False, metadata={"help": "replace an existing --knn-save-neighbors file"}
+    )
+    # Adaptive retrieval (adaptive.py)
+    knn_retrieval_predictor: Optional[str] = field(
+        default=None,
+        metadata={"help": "search only the tokens this predictor (fairseq-knnlm-sweep --save-predictor) "
+                  "selects from the LM's own distribution; the others keep the LM's probability"},
+    )
+    knn_retrieval_fraction: Optional[float] = field(
+        default=None,
+        metadata={"help": "with --knn-retrieval-predictor: search the fraction of tokens it was tuned for "
+                  "(one of the fractions saved in the file; 1 = every token, 0 = none)"},
+    )
+    knn_retrieval_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "with --knn-retrieval-predictor: search tokens whose predictor score is at "
+                  "least this (instead of --knn-retrieval-fraction)"},
+    )
+    # Pointers between consecutive entries, RetoMaton (pointers.py)
+    knn_pointers: bool = field(
+        default=False,
+        metadata={"help": "score a token with the successors (entry i+1) of the previous token's neighbours "
+                  "whose value was the observed token, searching only when too few remain"},
+    )
+    knn_pointer_min_candidates: int = field(
+        default=64,
+        metadata={"help": "with --knn-pointers: search when fewer than this many candidates remain "
+                  "(above --k: every token is searched, as without pointers)"},
     )
 
 
@@ -104,6 +156,14 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self.active_scorer = None
         self._checkpoint_sha256 = None
         self.context_window, self.num_shards, self.shard_id = 0, 1, 0
+        self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (overlap.py)
+        self.retrieval_predictor, self.retrieval_threshold = None, None
+        check_retrieval_flags(args)
+        self.pointers = None  # --knn-pointers (pointers.py)
+        if getattr(args, "knn_pointers", False):
+            from .pointers import check_pointer_flags
+
+            check_pointer_flags(args)
         if args.save_knnlm_dstore or args.knnlm:
             self._check_flags(args)
             _install_scorer(self)
@@ -115,6 +175,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if not args.dstore:
             raise UserError("--dstore DIR is required with --save-knnlm-dstore and --knnlm")
         check_keytype(args.knn_keytype)
+        check_overlap_flags(args)
+        set_threads(args.knn_faiss_threads, args.knn_torch_threads)
         if args.save_knnlm_dstore:
             self.num_shards, self.shard_id = _planned_sharding(args)
             if self.num_shards > 1 and os.path.exists(os.path.join(args.dstore, "meta.json")):
@@ -156,9 +218,33 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
         index_path = args.knn_index or default_index_path(args.dstore)
         index, index_meta = load_index(
-            index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu
+            index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu,
+            faiss_params=args.knn_faiss_params,
         )
-        self.retriever = KNNRetriever(self.datastore, index, index_meta, args.k, args.knn_sim_func)
+        self.retriever = KNNRetriever(
+            self.datastore, index, index_meta, args.k, args.knn_sim_func, candidates=args.knn_candidates
+        )
+        if args.knn_retrieval_predictor:
+            self._load_retrieval_predictor(args)
+        if args.knn_pointers:
+            from .pointers import build_pointers
+
+            self.pointers = build_pointers(args, self.datastore, self.retriever, index_path)
+
+    def _load_retrieval_predictor(self, args):
+        """--knn-retrieval-predictor, refused in one line if fit for another model, datastore or keytype."""
+        root = _root_config(args)
+        path = root.common_eval.path if root is not None and "common_eval" in root else None
+        if path and os.path.isfile(path) and self._checkpoint_sha256 is None:
+            self._checkpoint_sha256 = file_sha256(path)
+        identity = dict(
+            checkpoint_sha256=self._checkpoint_sha256,
+            dictionary_md5=dictionary_md5(self.dictionary),
+            dstore_fingerprint=self.datastore.fingerprint,
+            dstore_size=self.datastore.size,
+            keytype=str(args.knn_keytype),
+        )
+        self.retrieval_predictor, self.retrieval_threshold = load_for_run(args, identity, logger)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
@@ -241,6 +327,10 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             )
         if not (self.args.save_knnlm_dstore or self.args.knnlm):
             return itr
+        if self.args.knn_overlap:
+            from .overlap import Lookahead
+
+            itr = self.lookahead = Lookahead(itr)
         return _EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm)
 
     def _contiguous_shard(
@@ -295,6 +385,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
     def build_generator(self, models, args, **kwargs):
         """fairseq-generate / fairseq-interactive / hub sample() and score(): with
         --knnlm, every model's normalized probabilities become the kNN-LM's."""
+        if self.args.knn_overlap:
+            raise UserError("--knn-overlap is for fairseq-eval-lm (generation searches step by step); drop it")
         if self.args.knnlm:
             from .generation import attach_knnlm
 

@@ -164,7 +164,7 @@ def test_incremental_beam_search_one_search_per_step_agrees_with_eval_lm(knn_hub
     steps, rows = [], []
     search = retriever.search
     hook = model.decoder.layers[0].register_forward_pre_hook(lambda m, i: steps.append(i[0].shape[:2]))
-    retriever.search = lambda q: rows.append(q.size(0)) or search(q)
+    retriever.search = lambda q, **kw: rows.append(q.size(0)) or search(q, **kw)
     try:
         before = search_count(model)
         hypos = knn_hub.generate([knn_hub.encode(p) for p in PROMPTS], beam=3, max_len_b=14)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index-factory", metavar="STRING",
         help=f"any faiss.index_factory string, e.g. Flat (exact), IVF{DEFAULT_NLIST},PQ{DEFAULT_PQ_BYTES}, "
-        "OPQ64,IVF4096,PQ64, PCA256,IVF1024,PQ32 (default: the paper's "
+        "OPQ64,IVF4096,PQ64, PCA256,IVF1024,PQ32, fast-scan IVF4096,PQ64x4fs, HNSW coarse quantizer "
+        "IVF65536_HNSW32,PQ64, refine IVF4096,PQ64x4fs,RFlat (default: the paper's "
         f"IVF{DEFAULT_NLIST},PQ{DEFAULT_PQ_BYTES}, with fewer centroids or a smaller PQ code when the "
         "store or the key dimension calls for it, or Flat for tiny stores; the choice is printed)",
     )
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run k-means and the coarse assignment of added keys on all visible GPUs "
                    "(needs a GPU build of faiss); the saved index is a CPU index")
     p.add_argument("--eval-recall", type=_count(0), default=0, metavar="N",
-                   help="measure recall@1/10/100 against exact search with N stored keys as queries "
-                   "(printed and stored in the metadata; default: off)")
+                   help="measure recall@1/10/100/1024 (1024: kNN-LM's k; for stores of at least 1024 keys) "
+                   "against exact search with N stored keys as queries (printed and stored in the "
+                   "metadata; default: off)")
     p.add_argument("--nprobe", type=_count(1), default=32,
                    help="IVF lists probed by --eval-recall, also saved in the index (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
