@@ -240,16 +240,24 @@ def index_distances(index, metric: str, index_path: str = "the index") -> EntryD
     That is the distance to the index's reconstruction of the entry (squared
     L2, or negated inner product), in the space below its pre-transforms: what
     its search approximates (equal up to rounding for Flat, IVF-Flat and PQ
-    codes; fast-scan PQ's search rounds its look-up tables).  IVF indexes get a
-    direct map (8 bytes per entry) so entries can be reconstructed.
+    codes).  IVF indexes get a direct map (8 bytes per entry) so entries can be
+    reconstructed; fast-scan IVF indexes are refused (FAISS crashes
+    reconstructing their entries once they are read from disk).
     """
     inner, transform = _transformed_queries(index)
     try:
         ivf = faiss.extract_index_ivf(inner)
+    except RuntimeError:
+        ivf = None  # no IVF inside: Flat, HNSW, ... reconstruct by themselves
+    if ivf is not None:
+        if isinstance(faiss.downcast_index(inner), faiss.IndexIVFFastScan):
+            # FAISS crashes (segfault) reconstructing the entries of a fast-scan IVF read from disk.
+            raise PointerError(
+                f"--knn-pointers cannot give the candidates of {index_path} its own distances: FAISS "
+                "cannot reconstruct the entries of a fast-scan (x4fs) IVF index; use --knn-sim-func l2"
+            )
         if ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.make_direct_map()
-    except RuntimeError:
-        pass  # no IVF inside: Flat, HNSW, ... reconstruct by themselves
     kernel = faiss.fvec_L2sqr_by_idx if metric == "l2" else faiss.fvec_inner_products_by_idx
 
     def distances(queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
