@@ -13,15 +13,7 @@ import sys
 
 from ..errors import UserError
 from ..index import DEFAULT_NLIST, DEFAULT_PQ_BYTES, INDEX_FILE, PROG, build_index
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+from .common import count_at_least
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,19 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metric", choices=("l2", "ip"), default="l2",
                    help="squared L2 distance or inner product (default: %(default)s)")
-    p.add_argument("--train-size", type=_count(1), default=1_000_000, metavar="N",
+    p.add_argument("--train-size", type=count_at_least(1), default=1_000_000, metavar="N",
                    help="keys sampled to train the index; clamped to the store size (default: %(default)s)")
-    p.add_argument("--add-batch", type=_count(1), default=500_000, metavar="N",
+    p.add_argument("--add-batch", type=count_at_least(1), default=500_000, metavar="N",
                    help="keys read and added per chunk (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="seed of the training and query samples (default: %(default)s)")
     p.add_argument("--gpu", action="store_true",
                    help="run k-means and the coarse assignment of added keys on all visible GPUs "
                    "(needs a GPU build of faiss); the saved index is a CPU index")
-    p.add_argument("--eval-recall", type=_count(0), default=0, metavar="N",
+    p.add_argument("--eval-recall", type=count_at_least(0), default=0, metavar="N",
                    help="measure recall@1/10/100/1024 (1024: kNN-LM's k; for stores of at least 1024 keys) "
                    "against exact search with N stored keys as queries (printed and stored in the "
                    "metadata; default: off)")
-    p.add_argument("--nprobe", type=_count(1), default=32,
+    p.add_argument("--nprobe", type=count_at_least(1), default=32,
                    help="IVF lists probed by --eval-recall, also saved in the index (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
                    help="save progress for resuming at most this often while adding (default: %(default)s)")

@@ -17,19 +17,11 @@ import sys
 from ..errors import UserError
 from ..importer import PROG, import_original
 from ..keys import KEYTYPES
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+from .common import count_at_least
 
 
 def _first_token(text: str):
-    return None if text == "auto" else _count(0)(text)
+    return None if text == "auto" else count_at_least(0)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, metavar="CKPT", help="the model checkpoint the datastore was made with")
     p.add_argument("--dstore-filename", "--dstore-mmap", dest="prefix", required=True, metavar="PREFIX",
                    help="the original's datastore prefix: PREFIX_keys.npy and PREFIX_vals.npy")
-    p.add_argument("--dstore-size", type=_count(1), required=True, metavar="N",
+    p.add_argument("--dstore-size", type=count_at_least(1), required=True, metavar="N",
                    help="entries in the original datastore (its --dstore-size; 103225485 for WikiText-103)")
-    p.add_argument("--dim", "--dimension", type=_count(1), required=True, metavar="D",
+    p.add_argument("--dim", "--dimension", type=count_at_least(1), required=True, metavar="D",
                    help="key dimension (the original's --dimension / --decoder-embed-dim; 1024 for WikiText-103)")
     p.add_argument("--dstore-fp16", action="store_true",
                    help="the original ran with --dstore-fp16: float16 keys and int16 values")
@@ -65,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--indexfile", metavar="FILE",
                    help="the original's FAISS index (faiss.write_index output) to adopt; leave out to build "
                    "one later with fairseq-knnlm-build-index")
-    p.add_argument("--probe", type=_count(1), default=32,
+    p.add_argument("--probe", type=count_at_least(1), default=32,
                    help="nprobe for the self-recall check, also saved as the index's nprobe (default: %(default)s)")
-    p.add_argument("--self-recall-queries", type=_count(1), default=1000, metavar="N",
+    p.add_argument("--self-recall-queries", type=count_at_least(1), default=1000, metavar="N",
                    help="stored keys searched in the index for the self-recall check (default: %(default)s)")
-    p.add_argument("--self-recall-k", type=_count(1), default=1024, metavar="K",
+    p.add_argument("--self-recall-k", type=count_at_least(1), default=1024, metavar="K",
                    help="a key finds itself if its own position is among its K nearest (default: %(default)s)")
     p.add_argument("--min-self-recall", type=float, default=0.95, metavar="FRACTION",
                    help="refuse the index below this self-recall (default: %(default)s)")

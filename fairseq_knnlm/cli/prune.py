@@ -12,15 +12,7 @@ import sys
 
 from ..errors import UserError
 from ..prune import PROG, prune_datastore
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+from .common import count_at_least
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="directory of the pruned datastore")
     p.add_argument("--index", metavar="FILE",
                    help="FAISS index of --dstore used to find each entry's neighbours (default: DSTORE/knn.index)")
-    p.add_argument("--k", type=_count(1), default=8,
+    p.add_argument("--k", type=count_at_least(1), default=8,
                    help="nearest other entries each entry may absorb; larger K prunes more (default: %(default)s)")
-    p.add_argument("--nprobe", type=_count(1), default=32, help="IVF lists visited per search (default: %(default)s)")
-    p.add_argument("--batch-size", type=_count(1), default=4096, metavar="N",
+    p.add_argument("--nprobe", type=count_at_least(1), default=32, help="IVF lists visited per search (default: %(default)s)")
+    p.add_argument("--batch-size", type=count_at_least(1), default=4096, metavar="N",
                    help="entries searched per FAISS call (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
                    help="save progress for resuming at most this often (default: %(default)s)")
