@@ -63,6 +63,26 @@ def eval_lm(data_bin, checkpoint, *extra, task="knnlm_language_modeling", split=
     return run(cmd, check=check)
 
 
+def eval_lm_in_process(data_bin, checkpoint, *flags):
+    """The stock fairseq-eval-lm main() in this process, our task on valid: (loss, perplexity)
+    at full float precision (the log line rounds the perplexity to 2 decimals)."""
+    import fairseq_cli.eval_lm as eval_lm_module
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", "valid",
+            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
+            "--cpu", "--max-tokens", "4096", "--num-workers", "0", "--no-progress-bar",
+            "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *map(str, flags)]
+    scorer = eval_lm_module.SequenceScorer
+    try:
+        args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
+        results = eval_lm_module.main(convert_namespace_to_omegaconf(args))
+    finally:
+        eval_lm_module.SequenceScorer = scorer  # the task swaps in its scorer
+    return float(results["loss"]), float(results["perplexity"])
+
+
 @pytest.fixture(scope="session")
 def artefacts(tmp_path_factory):
     return tmp_path_factory.mktemp("knnlm")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import eval_lm
+from conftest import eval_lm, eval_lm_in_process
 from fairseq_knnlm import adaptive
 from fairseq_knnlm.adaptive import (
     FEATURE_NAMES,
@@ -28,7 +28,7 @@ from fairseq_knnlm.adaptive import (
 )
 from fairseq_knnlm.datastore import shard_dirname
 from fairseq_knnlm.neighbors import NeighborsError, NeighborsWriter, read_neighbors
-from test_sweep import eval_lm_in_process, run_cli, synthetic, write
+from test_sweep import run_cli, synthetic, write
 
 K, TEMP, LMBDA = 16, 5.0, 0.25
 SEARCHED_RE = re.compile(r"adaptive retrieval: searched ([0-9,]+) of ([0-9,]+) scored tokens")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, run
+from conftest import eval_lm_in_process, run
 from fairseq_knnlm import knn_math
 from fairseq_knnlm.datastore import Datastore, DatastoreWriter
 from fairseq_knnlm.generation import knnlm_log_probs
@@ -111,24 +111,6 @@ def duplicated_store(artefacts, unique_store):
     _flat_index(path)
     return store
 
-
-def eval_lm_in_process(data_bin, checkpoint, *flags):
-    """fairseq-eval-lm's main() in this process: (loss, perplexity) at full precision."""
-    import fairseq_cli.eval_lm as eval_lm_module
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", "valid",
-            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
-            "--cpu", "--max-tokens", "4096", "--num-workers", "0", "--no-progress-bar",
-            "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *map(str, flags)]
-    scorer = eval_lm_module.SequenceScorer
-    try:
-        args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
-        results = eval_lm_module.main(convert_namespace_to_omegaconf(args))
-    finally:
-        eval_lm_module.SequenceScorer = scorer  # the task swaps in its scorer
-    return float(results["loss"]), float(results["perplexity"])
 
 
 def knnlm_ppl(data_bin, tiny_lm, dstore, k, *extra):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import eval_lm_in_process
+
 from fairseq_knnlm import knn_math
 from fairseq_knnlm import sweep as sw
 from fairseq_knnlm.cli import sweep as cli
@@ -404,27 +406,6 @@ def test_adaptive_lambda_is_fit_on_one_split_and_reported_on_the_other(tmp_path,
 
 
 # ------------------------------------------- against fairseq-eval-lm itself
-def eval_lm_in_process(data_bin, checkpoint, *flags):
-    """Run the stock fairseq-eval-lm main() in this process; its results dict has the
-    perplexity at full float precision (the log line rounds it to 2 decimals)."""
-    import fairseq_cli.eval_lm as eval_lm_module
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR
-
-    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", "valid",
-            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
-            "--cpu", "--max-tokens", "4096", "--num-workers", "0", "--no-progress-bar",
-            "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *map(str, flags)]
-    scorer = eval_lm_module.SequenceScorer
-    try:
-        args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
-        results = eval_lm_module.main(convert_namespace_to_omegaconf(args))
-    finally:
-        eval_lm_module.SequenceScorer = scorer  # the task swaps in its scorer
-    return float(results["loss"]), float(results["perplexity"])
-
 
 @pytest.fixture(scope="module")
 def sweep_flat_index(tiny_datastore):
