@@ -162,11 +162,19 @@ class RetrievalPredictor:
             weights = np.asarray(obj["weights"], dtype=np.float64)
             thresholds = {float(f): float(t) for f, t in obj["thresholds"]}
             bias, meta = float(obj["bias"]), dict(obj["meta"])
+        except RetrievalPredictorError:
+            raise
         except (KeyError, TypeError, ValueError):
             raise RetrievalPredictorError(f"{path} is an incomplete retrieval predictor; {redo}") from None
         n = len(names)
         if mean.shape != (n,) or scale.shape != (n,) or weights.shape != (n + n * (n + 1) // 2,):
             raise RetrievalPredictorError(f"{path} has weights of the wrong shape; {redo}")
+        if not (np.isfinite(mean).all() and np.isfinite(weights).all() and math.isfinite(bias)
+                and np.isfinite(scale).all() and (scale > 0).all()):
+            raise RetrievalPredictorError(f"{path} has non-finite weights or a scale that is not positive; {redo}")
+        if any(not 0.0 <= f <= 1.0 or math.isnan(t) for f, t in thresholds.items()):
+            raise RetrievalPredictorError(
+                f"{path} has thresholds for fractions outside [0, 1] or NaN thresholds; {redo}")
         return cls(names, mean, scale, weights, bias, thresholds, meta, os.path.abspath(path))
 
     def check_run(self, run: dict) -> None:

@@ -24,6 +24,18 @@ from typing import Dict, List
 import numpy as np
 
 from .errors import UserError
+from .validate import (
+    COUNT,
+    NAMED_ENTRIES,
+    POSITIVE,
+    check_fields,
+    find_nonfinite_rows,
+    first_outside,
+    nonfinite_keys_message,
+    nonfinite_rows,
+    open_npy,
+    read_json_object,
+)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -38,6 +50,20 @@ EXTERNAL_KEYS = "external_keys"
 # Keys and values are streamed behind a fixed-size .npy header that is
 # rewritten with the final shape once the count is known.
 NPY_HEADER_BYTES = 128
+# meta.json fields the writer records: the smallest and largest value (and
+# count) written, so that opening a large store can trust them instead of
+# scanning every value (--knn-check-datastore scans anyway).
+VALS_RANGE = "vals_range"
+COUNTS_RANGE = "counts_range"
+# Stores up to this many entries are always scanned when opened for --knnlm
+# (a vectorised pass: milliseconds).
+ALWAYS_SCAN_ENTRIES = 1 << 24
+KEYS_DTYPES = ("float16", "float32")
+# What every meta.json holds (the writer sets these), and what some hold.
+REQUIRED_META = dict(format_version=int, id=str, size=COUNT, dim=POSITIVE, keys_dtype=KEYS_DTYPES,
+                     vals_dtype=("int32",))
+OPTIONAL_META = dict(counts_dtype=("int32",), external_keys=dict, vals_range=list, counts_range=list)
+EXTERNAL_KEYS_FIELDS = dict(path=str, offset=COUNT, sampled_rows_sha256=str)
 
 
 class DatastoreError(UserError):
@@ -124,8 +150,10 @@ class DatastoreWriter:
         if with_counts:
             self._counts = open(os.path.join(self.partial_dir, COUNTS_FILE), "wb")
             self._counts.write(npy_header(COUNTS_DTYPE, (0,)))
+        self._ranges = {VALS_RANGE: None, COUNTS_RANGE: None}  # (min, max) written so far
 
     def append(self, keys: np.ndarray, vals: np.ndarray, counts: np.ndarray = None) -> None:
+        """Add entries; keys with NaN or inf are refused (the writer aborts: nothing is kept)."""
         if keys.ndim != 2 or keys.shape[1] != self.dim or len(keys) != len(vals):
             raise DatastoreError(
                 f"cannot append keys {keys.shape} / vals {vals.shape} to a "
@@ -133,11 +161,31 @@ class DatastoreWriter:
             )
         if (counts is None) != (self._counts is None) or (counts is not None and len(counts) != len(vals)):
             raise DatastoreError("counts must be given with every append exactly when the writer has with_counts")
-        self._keys.write(np.ascontiguousarray(keys, dtype=self.keys_dtype).tobytes())
+        with np.errstate(over="ignore"):  # float16 overflow is refused just below
+            keys = np.ascontiguousarray(keys, dtype=self.keys_dtype)
+        bad = nonfinite_rows(keys)
+        if len(bad):
+            self.abort()
+            overflow = self.keys_dtype == np.float16 and bool(np.isinf(keys[bad]).any())
+            raise DatastoreError(nonfinite_keys_message(
+                f"cannot write datastore {self.final_dir}", bad[:NAMED_ENTRIES] + self.size, len(bad),
+                f"of the {len(keys):,} keys of entries {self.size:,} to {self.size + len(keys) - 1:,}", overflow,
+                "nothing was written" + ("" if overflow else "; check the model (a checkpoint or --fp16 run "
+                                         "that produces NaN or inf hidden states)"),
+            ))
+        self._keys.write(keys.tobytes())
         self._vals.write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        self._track(VALS_RANGE, vals)
         if counts is not None:
             self._counts.write(np.ascontiguousarray(counts, dtype=COUNTS_DTYPE).tobytes())
+            self._track(COUNTS_RANGE, counts)
         self.size += len(vals)
+
+    def _track(self, field: str, values) -> None:
+        if len(values):
+            lo, hi = int(np.min(values)), int(np.max(values))
+            old = self._ranges[field]
+            self._ranges[field] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
     def commit(self, meta: Dict) -> str:
         """Finish the files, write meta.json last, then move into place."""
@@ -168,6 +216,10 @@ class DatastoreWriter:
             meta["counts_dtype"] = np.dtype(COUNTS_DTYPE).name
         else:
             meta.pop("counts_dtype", None)  # e.g. meta copied from a pruned store
+        for field, seen in self._ranges.items():
+            meta.pop(field, None)  # e.g. meta copied from the store this one was made from
+            if seen is not None:
+                meta[field] = list(seen)
         return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
@@ -227,6 +279,16 @@ def check_can_write(
         raise error(f"cannot write to {parent}; choose a writable {option}")
 
 
+def rebuild_hint(meta, path: str) -> str:
+    """What to do about a damaged datastore: rerun whatever wrote it."""
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("pruned"):
+        return f"rerun fairseq-knnlm-prune --output {path} --overwrite"
+    if meta.get("imported_from"):
+        return f"rerun fairseq-knnlm-import --dstore {path} --dstore-overwrite"
+    return "rerun the --save-knnlm-dstore pass with --dstore-overwrite"
+
+
 class _Shard:
     def __init__(self, path: str):
         self.path = path
@@ -236,62 +298,96 @@ class _Shard:
                 f"{path} is not a complete datastore (no {META_FILE}); "
                 "rerun the --save-knnlm-dstore pass"
             )
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_json_object(
+            meta_path, DatastoreError, "the datastore is damaged: rebuild it with the command that wrote it"
+        )
+        self.redo = rebuild_hint(self.meta, path)
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise DatastoreError(
                 f"{path} has datastore format {self.meta.get('format_version')}, "
                 f"this version reads {FORMAT_VERSION}; rebuild the datastore"
             )
-        self.size = int(self.meta["size"])
-        self.dim = int(self.meta["dim"])
-        files = [
-            (KEYS_FILE, self.meta["keys_dtype"], (self.size, self.dim)),
-            (VALS_FILE, self.meta["vals_dtype"], (self.size,)),
-        ]
+        check_fields(self.meta, REQUIRED_META, meta_path, DatastoreError, self.redo, OPTIONAL_META)
+        self.size = self.meta["size"]
+        self.dim = self.meta["dim"]
         self.has_counts = "counts_dtype" in self.meta
-        if self.has_counts:
-            files.append((COUNTS_FILE, self.meta["counts_dtype"], (self.size,)))
         self._check_external_keys()
-        for name, dtype, shape in files:
-            file, header = self._location(name)
-            expected = header + int(np.prod(shape)) * np.dtype(dtype).itemsize
-            actual = os.path.getsize(file) if os.path.exists(file) else -1
-            if actual != expected:
-                raise DatastoreError(
-                    f"{file} is missing or truncated ({actual} bytes, expected "
-                    f"{expected}); rerun the --save-knnlm-dstore pass"
-                )
-
-    def _location(self, name: str):
-        """(file, bytes before the array) of one of this shard's arrays."""
-        external = self.meta.get(EXTERNAL_KEYS) if name == KEYS_FILE else None
-        if external:
-            return external["path"], int(external["offset"])
-        return os.path.join(self.path, name), NPY_HEADER_BYTES
 
     def _check_external_keys(self) -> None:
         """Keys imported by reference (fairseq-knnlm-import) must still be the file
         that was checked: same size, same sampled rows."""
         external = self.meta.get(EXTERNAL_KEYS)
-        if not external:
+        if external is None:
             return
+        check_fields(external, EXTERNAL_KEYS_FIELDS, f"{os.path.join(self.path, META_FILE)} ({EXTERNAL_KEYS})",
+                     DatastoreError, self.redo)
         file = external["path"]
         redo = f"rerun fairseq-knnlm-import for {self.path}, or restore {file}"
         row_bytes = self.dim * np.dtype(self.meta["keys_dtype"]).itemsize
-        if not os.path.isfile(file) or os.path.getsize(file) != int(external["offset"]) + self.size * row_bytes:
+        if not os.path.isfile(file) or os.path.getsize(file) != external["offset"] + self.size * row_bytes:
             raise DatastoreError(f"the keys of {self.path} ({file}) are missing or changed size; {redo}")
         if sampled_rows_sha256(self.load(KEYS_FILE, False)) != external["sampled_rows_sha256"]:
             raise DatastoreError(f"the keys of {self.path} ({file}) changed since the import; {redo}")
 
+    def _layout(self, name: str):
+        """(dtype, shape) of one of this shard's arrays, as meta.json describes it."""
+        if name == KEYS_FILE:
+            return self.meta["keys_dtype"], (self.size, self.dim)
+        return self.meta["counts_dtype" if name == COUNTS_FILE else "vals_dtype"], (self.size,)
+
     def load(self, name: str, in_memory: bool) -> np.ndarray:
-        if name == KEYS_FILE and self.meta.get(EXTERNAL_KEYS):
-            file, offset = self._location(name)
-            arr = np.memmap(file, dtype=self.meta["keys_dtype"], mode="r", offset=offset,
-                            shape=(self.size, self.dim))
-            return np.array(arr) if in_memory else arr
-        arr = np.load(os.path.join(self.path, name), mmap_mode="r")
+        """One of the shard's arrays, checked against meta.json (memory-mapped unless ``in_memory``)."""
+        dtype, shape = self._layout(name)
+        external = self.meta.get(EXTERNAL_KEYS) if name == KEYS_FILE else None
+        if external:
+            arr = np.memmap(external["path"], dtype=dtype, mode="r", offset=external["offset"], shape=shape)
+        else:
+            arr = open_npy(os.path.join(self.path, name), dtype, shape, NPY_HEADER_BYTES, DatastoreError, self.redo)
         return np.array(arr) if in_memory else arr
+
+    def check_values(self, vocab_size: int, scan: bool) -> None:
+        """Values must be token ids of a ``vocab_size`` dictionary and counts at
+        least 1: the ranges the writer recorded, or (``scan``, or nothing
+        recorded) every value."""
+        dictionary = f"the {vocab_size:,}-type dictionary (0 to {vocab_size - 1:,})"
+        checks = [(VALS_FILE, VALS_RANGE, 0, vocab_size, f"a token id of {dictionary}", f"token ids of {dictionary}")]
+        if self.has_counts:
+            checks.append((COUNTS_FILE, COUNTS_RANGE, 1, np.iinfo(COUNTS_DTYPE).max + 1, "a count of at least 1",
+                           "counts of at least 1"))
+        for name, field, low, high, one, all_of in checks:
+            file = os.path.join(self.path, name)
+            recorded = self.meta.get(field)
+            valid = (isinstance(recorded, list) and len(recorded) == 2
+                     and all(isinstance(x, int) and not isinstance(x, bool) for x in recorded))
+            if valid and not scan:
+                if recorded[0] >= low and recorded[1] < high:
+                    continue
+                raise DatastoreError(
+                    f"{file} holds values {recorded[0]:,} to {recorded[1]:,} ({field} in {META_FILE}), "
+                    f"not all {all_of}; " + self._wrong_values_hint(name)
+                )
+            if not self.size:
+                continue
+            found = first_outside(self.load(name, False), low, high)
+            if found is not None:
+                raise DatastoreError(
+                    f"{file} entry {found[0]:,} holds {found[1]:,}, not {one}; " + self._wrong_values_hint(name)
+                )
+
+    def _wrong_values_hint(self, name: str) -> str:
+        if name == VALS_FILE:
+            return f"the store was made with another dictionary or is damaged: {self.redo}"
+        return f"the store is damaged: {self.redo}"
+
+    def check_keys(self) -> None:
+        """Every key finite (reads all of them)."""
+        keys = self.load(KEYS_FILE, False)
+        ids, count = find_nonfinite_rows(keys)
+        if count:
+            overflow = keys.dtype == np.float16 and bool(np.isinf(np.asarray(keys[ids], np.float32)).any())
+            file = self.meta.get(EXTERNAL_KEYS, {}).get("path") or os.path.join(self.path, KEYS_FILE)
+            raise DatastoreError(nonfinite_keys_message(
+                file, ids, count, f"of {self.size:,}", overflow, f"the store cannot be used: {self.redo}"))
 
 
 class RowConcat:
@@ -385,7 +481,13 @@ class Datastore:
                 f"{self.path} is not a complete datastore (no {META_FILE}); "
                 "rerun the --save-knnlm-dstore pass"
             )
-        num_shards = int(names[0].rsplit("-of-", 1)[1])
+        try:
+            num_shards = int(names[0].rsplit("-of-", 1)[1])
+        except (IndexError, ValueError):
+            raise DatastoreError(
+                f"{os.path.join(self.path, names[0])} is not a shard directory (shard-III-of-NNN); "
+                "move it away or rerun the pass"
+            ) from None
         expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
         missing = sorted(set(expected) - set(names))
         if missing or len(names) != num_shards:
@@ -394,6 +496,21 @@ class Datastore:
                 "run the pass for every --shard-id with the same --num-shards"
             )
         return [os.path.join(self.path, n) for n in expected]
+
+    def check_values(self, vocab_size: int, full: bool = False) -> None:
+        """DatastoreError unless every value is a token id of a ``vocab_size``
+        dictionary (and every count of a pruned store at least 1).
+
+        Stores of up to ALWAYS_SCAN_ENTRIES entries are scanned (a vectorised
+        pass); larger ones trust the ranges their writer recorded in meta.json
+        unless ``full`` (--knn-check-datastore), which also scans every key for
+        NaN and inf.
+        """
+        scan = full or self.size <= ALWAYS_SCAN_ENTRIES
+        for shard in self.shards:
+            shard.check_values(int(vocab_size), scan)
+            if full:
+                shard.check_keys()
 
     @property
     def fingerprint(self) -> str:

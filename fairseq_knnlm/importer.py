@@ -33,12 +33,14 @@ from .datastore import (
     META_FILE,
     VALS_DTYPE,
     VALS_FILE,
+    VALS_RANGE,
     check_can_write,
     commit_directory,
     dictionary_md5,
     file_sha256,
     npy_header,
     sampled_rows_sha256,
+    write_json_atomic,
 )
 from .errors import UserError
 from .keys import check_keytype, key_dim
@@ -121,7 +123,10 @@ def split_tokens(data: str, split: str) -> np.ndarray:
         index = MMapIndexedDataset.Index(index_file_path(prefix))
     except (AssertionError, ValueError, OSError):
         raise OriginalImportError(f"{prefix}.idx is not in fairseq's mmap format; {fix}") from None
-    tokens = np.memmap(data_file_path(prefix), dtype=index.dtype, mode="r")
+    try:
+        tokens = np.memmap(data_file_path(prefix), dtype=index.dtype, mode="r")
+    except (OSError, ValueError):  # e.g. an empty .bin
+        raise OriginalImportError(f"{prefix}.bin is unreadable; binarize the split again") from None
     if len(tokens) != int(np.sum(index.sizes, dtype=np.int64)):
         raise OriginalImportError(f"{prefix}.bin does not match {prefix}.idx; binarize the split again")
     return tokens
@@ -133,7 +138,13 @@ def load_dictionary(data: str):
     path = os.path.join(data, "dict.txt")
     if not os.path.isfile(path):
         raise OriginalImportError(f"no {path}; pass the data-bin directory the model was trained with")
-    return Dictionary.load(path)
+    try:
+        return Dictionary.load(path)
+    except Exception as e:  # fairseq raises ValueError, RuntimeError, ... for a malformed dict.txt
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OriginalImportError(
+            f"{path} is not a fairseq dictionary ({reason}); pass the data-bin directory the model was trained with"
+        ) from None
 
 
 def model_key_dim(checkpoint: str, data: str, keytype: str) -> int:
@@ -191,13 +202,14 @@ def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, d
     vocabulary cannot be trusted (ids above 32,767 wrapped around): they must
     equal the split's tokens modulo 2^16, and the split's tokens replace them.
     Returns {"wrong": stored values that differ from the split's tokens,
-    "rebuilt": whether values were taken from the split because of overflow}.
+    "rebuilt": whether values were taken from the split because of overflow,
+    "range": [smallest, largest] value written}.
     """
     size = len(stored)
     rebuild = stored.dtype == np.int16 and dict_size > INT16_IDS
     if not rebuild:
         _check_range(stored, dict_size, vals_path, progress)
-    mismatched, first_bad, wrong = 0, None, 0
+    mismatched, first_bad, wrong, lo_hi = 0, None, 0, [None, None]
     with open(out_file, "wb") as out, tqdm(
         total=size, desc="values: check against the split", unit="values", unit_scale=True,
         disable=not progress, file=sys.stderr,
@@ -219,6 +231,8 @@ def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, d
             mismatched += len(bad)
             wrong += int(np.count_nonzero(expected != got))
             out.write(expected.astype(VALS_DTYPE).tobytes())
+            lo_hi = [int(expected.min()) if lo_hi[0] is None else min(lo_hi[0], int(expected.min())),
+                     int(expected.max()) if lo_hi[1] is None else max(lo_hi[1], int(expected.max()))]
             bar.update(hi - lo)
         out.flush()
         os.fsync(out.fileno())
@@ -231,7 +245,7 @@ def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, d
             f"it was not made from this split starting at token {start:,}; check DATA, --gen-subset, "
             "--first-token and --dstore-size"
         )
-    return dict(wrong=wrong, rebuilt=bool(rebuild))
+    return dict(wrong=wrong, rebuilt=bool(rebuild), range=lo_hi)
 
 
 def values_report(checked: Dict, size: int, stored_dtype, source: str) -> str:
@@ -267,7 +281,7 @@ def import_original(
 ) -> Dict:
     """Import the original's ``PREFIX_keys.npy``/``PREFIX_vals.npy`` (and index) as
     a datastore at ``output``; returns its metadata (with ``index`` when adopted)."""
-    from .index import adopt_index, format_self_recall, read_foreign_index, self_recall
+    from .index import INDEX_FILE, adopt_index, format_self_recall, meta_path, read_foreign_index, self_recall
 
     started = time.monotonic()
     check_keytype(keytype)
@@ -350,13 +364,20 @@ def import_original(
             ),
         )
         meta[EXTERNAL_KEYS] = dict(path=keys.filename, offset=0, sampled_rows_sha256=sampled_rows_sha256(keys))
-        commit_directory(partial, output, meta)
+        meta[VALS_RANGE] = checked["range"]
+        if index_file:
+            # Adopted inside the partial store, so that store and index appear together.
+            write_json_atomic(os.path.join(partial, META_FILE), meta)
+            meta["index"] = adopt_index(index_file, partial, index, metric, recall,
+                                        output=os.path.join(partial, INDEX_FILE))
+            meta["index"]["datastore_path"] = output
+            write_json_atomic(meta_path(os.path.join(partial, INDEX_FILE)), meta["index"])
+        commit_directory(partial, output, {k: v for k, v in meta.items() if k != "index"})
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     log(f"wrote datastore {output} ({META_FILE} references {keys.filename}; no keys copied)")
     if index_file:
-        meta["index"] = adopt_index(index_file, output, index, metric, recall)
-        log(f"adopted {index_file} as {os.path.join(output, 'knn.index')} (a link) with its metadata")
+        log(f"adopted {index_file} as {os.path.join(output, INDEX_FILE)} (a link) with its metadata")
     meta["seconds"] = round(time.monotonic() - started, 3)
     return meta

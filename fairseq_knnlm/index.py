@@ -28,12 +28,17 @@ from tqdm import tqdm
 from .datastore import Datastore, RowConcat, write_json_atomic
 from .errors import UserError
 from .search_params import apply_faiss_params
+from .validate import (
+    COUNT, NAMED_ENTRIES, POSITIVE, check_fields, nonfinite_keys_message, nonfinite_rows, read_json_object,
+)
 
 FORMAT_VERSION = 1
 INDEX_FILE = "knn.index"
 META_SUFFIX = ".meta.json"
 PARTIAL_SUFFIX = ".partial"
 PROG = "fairseq-knnlm-build-index"
+# Sidecar fields that readers rely on (the builder and the import write more).
+INDEX_META_FIELDS = dict(datastore_fingerprint=str, ntotal=COUNT, dim=POSITIVE, metric=("l2", "ip"))
 
 # The paper's index: 4096 centroids, 64-byte PQ codes with 8-bit sub-quantizers.
 DEFAULT_NLIST = 4096
@@ -176,10 +181,16 @@ class KeyReader:
     grow RSS with the store.  This reader maps the key files itself and drops
     the pages it read (``MADV_DONTNEED``; the OS page cache keeps them) after
     each read, so its footprint is one chunk or one gather batch.
+
+    Every read is checked for NaN and inf (IndexBuildError naming the entries):
+    FAISS would index them silently.
     """
 
     def __init__(self, keys):
         self._parts = []  # (rows, mmap or None, byte offset of row 0 in the map)
+        parts = keys.parts if isinstance(keys, RowConcat) else [keys]
+        self._files = [getattr(part, "filename", None) for part in parts]  # named in refusals
+        self._float16 = np.dtype(keys.dtype) == np.float16
         for part in keys.parts if isinstance(keys, RowConcat) else [keys]:
             if isinstance(part, np.memmap) and part.filename:
                 with open(part.filename, "rb") as f:
@@ -213,11 +224,13 @@ class KeyReader:
             if a < b:
                 out[start + a - lo : start + b - lo] = rows[a:b]
                 self._release(p, a, b)
+        self._check_finite(out, lambda rows: rows + lo)
         return out
 
-    def chunks(self, batch: int, start: int = 0) -> Iterator[Tuple[int, int, np.ndarray]]:
-        for lo in range(start, self.size, batch):
-            hi = min(lo + batch, self.size)
+    def chunks(self, batch: int, start: int = 0, end: Optional[int] = None) -> Iterator[Tuple[int, int, np.ndarray]]:
+        end = self.size if end is None else end
+        for lo in range(start, end, batch):
+            hi = min(lo + batch, end)
             yield lo, hi, self.rows(lo, hi)
 
     def take(self, ids: np.ndarray, bar: Optional[tqdm] = None) -> np.ndarray:
@@ -237,7 +250,22 @@ class KeyReader:
                     self._release(p, local[0], local[-1] + 1)
             if bar is not None:
                 bar.update(len(sel))
+        self._check_finite(out, lambda rows: ids[rows])
         return out
+
+    def _check_finite(self, out: np.ndarray, positions: Callable[[np.ndarray], np.ndarray]) -> None:
+        """IndexBuildError if rows of ``out`` hold NaN or inf; ``positions`` maps
+        rows of ``out`` to datastore positions."""
+        bad = nonfinite_rows(out)
+        if not len(bad):
+            return
+        entries = np.sort(positions(bad))
+        part = int(np.searchsorted(self.offsets, entries[0], side="right") - 1)
+        overflow = self._float16 and bool(np.isinf(out[bad]).any())
+        local = entries[entries < self.offsets[part + 1]] - self.offsets[part]  # rows of that file
+        raise IndexBuildError(nonfinite_keys_message(
+            self._files[part] or "the datastore's keys", local[:NAMED_ENTRIES], len(bad),
+            f"of the {len(out):,} keys read", overflow, "FAISS cannot index them: rebuild the datastore"))
 
 
 # ---------------------------------------------------------------- GPU
@@ -290,15 +318,22 @@ class _GpuAssign:
             self.gpu_quantizer = _gpu_flat(self.ivf)
             self.gpu_quantizer.add(self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist))
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, ids: Optional[np.ndarray] = None) -> None:
         if self.gpu_quantizer is None:
-            self.index.add(x)
+            _add(self.index, x, ids)
             return
         cpu_quantizer = replace_ivf_quantizer(self.ivf, self.gpu_quantizer)
         try:
-            self.index.add(x)
+            _add(self.index, x, ids)
         finally:
             replace_ivf_quantizer(self.ivf, cpu_quantizer)
+
+
+def _add(index: faiss.Index, x: np.ndarray, ids: Optional[np.ndarray]) -> None:
+    if ids is None:
+        index.add(x)
+    else:
+        index.add_with_ids(x, ids)
 
 
 # ---------------------------------------------------------------- files
@@ -338,8 +373,10 @@ def read_index_meta(index_path: str) -> Dict:
             f"index {index_path} is incomplete (no {os.path.basename(meta_path(index_path))}); "
             f"rebuild it with {build}"
         )
-    with open(meta_path(index_path)) as f:
-        return json.load(f)
+    meta = read_json_object(meta_path(index_path), IndexBuildError, f"rebuild the index with {build} --overwrite")
+    check_fields(meta, INDEX_META_FIELDS, meta_path(index_path), IndexBuildError,
+                 f"rebuild the index with {build} --overwrite")
+    return meta
 
 
 def check_index_matches(meta: Dict, datastore: Datastore, index_path: str) -> None:
@@ -362,15 +399,57 @@ def _open_datastore(dstore) -> Datastore:
     return dstore if isinstance(dstore, Datastore) else Datastore(str(dstore))
 
 
+def read_flags(mmap: bool = False) -> int:
+    """faiss.read_index flags: on-disk inverted lists (a merged sharded build)
+    are found next to the index file wherever it was moved; ``mmap``
+    (``--knn-index-mmap``) maps an IVF's inverted lists instead of reading
+    them into RAM.  Either way search results are the same."""
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return flags
+
+
+def check_ondisk_data(index_path: str, meta: Dict) -> None:
+    """The ``.ivfdata`` file of a merged index is the one the merge wrote."""
+    if not meta.get("ondisk"):
+        return
+    data = os.path.join(os.path.dirname(index_path), meta["ondisk"])
+    if not os.path.isfile(data) or os.path.getsize(data) != meta.get("ivfdata_bytes"):
+        raise IndexBuildError(
+            f"the inverted lists of {index_path} ({data}) are missing or changed size; keep the "
+            f"two files together, or merge again with {PROG} --merge {os.path.dirname(index_path)} --overwrite"
+        )
+
+
+def _read_checked(index_path: str, flags: int, meta: Dict, ds: Datastore) -> faiss.Index:
+    """``faiss.read_index``, with a damaged file (cut short, corrupted) or one whose
+    header disagrees with its sidecar turned into a one-line error."""
+    rebuild = f"rebuild it with {PROG} --dstore {ds.path} --output {index_path} --overwrite"
+    try:
+        index = faiss.read_index(index_path, flags)
+    except (RuntimeError, MemoryError) as e:
+        raise IndexBuildError(
+            f"FAISS cannot read index {index_path} ({_faiss_message(e)}): the file is truncated or damaged; "
+            f"{rebuild}") from None
+    metric = {faiss.METRIC_L2: "l2", faiss.METRIC_INNER_PRODUCT: "ip"}.get(index.metric_type)
+    if index.d != meta["dim"] or metric != meta["metric"]:
+        raise IndexMismatchError(
+            f"index {index_path} holds {index.d}-dim keys with metric {metric or index.metric_type}, its "
+            f"metadata says {meta['dim']}-dim {meta['metric']}: the file is damaged or was replaced; {rebuild}")
+    return index
+
+
 def load_index(
     index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False,
-    faiss_params: Optional[str] = None,
+    faiss_params: Optional[str] = None, mmap: bool = False,
 ) -> Tuple[faiss.Index, Dict]:
     """(index, metadata) of a complete index checked against ``datastore``.
 
     Sets ``nprobe`` on the IVF (inside any wrapper) and ``faiss_params``
     (``--knn-faiss-params``, FAISS ParameterSpace syntax); ``gpu`` then copies
-    the index to all visible GPUs (sharded).  The metadata gains ``path``.
+    the index to all visible GPUs (sharded).  ``mmap``: see :func:`read_flags`.
+    The metadata gains ``path``.
     """
     ds = _open_datastore(datastore)
     index_path = os.path.abspath(str(index_path))
@@ -381,7 +460,8 @@ def load_index(
             f"index {index_path} ({meta.get('adopted_from')}) changed since it was adopted; "
             "rerun fairseq-knnlm-import with --indexfile"
         )
-    index = faiss.read_index(index_path)
+    check_ondisk_data(index_path, meta)
+    index = _read_checked(index_path, read_flags(mmap), meta, ds)
     if index.ntotal != ds.size:
         raise IndexMismatchError(
             f"index {index_path} holds {index.ntotal} keys, its metadata and datastore "
@@ -412,8 +492,10 @@ def _check_output(output: str, datastore: Datastore, overwrite: bool) -> None:
         try:
             check_index_matches(read_index_meta(output), datastore, output)
             why = "already holds a complete index of this datastore"
-        except ValueError:  # includes IndexMismatchError and unreadable JSON
+        except IndexMismatchError:
             why = "holds an index of another datastore"
+        except ValueError:  # unreadable or incomplete sidecar
+            why = "holds an index whose metadata cannot be read"
         raise IndexBuildError(
             f"{output} {why}; pass --overwrite to rebuild it or choose another --output"
         )
@@ -486,9 +568,14 @@ def _resume(output: str, plan: Dict, log) -> Optional[Tuple[faiss.Index, Dict]]:
     try:
         with open(part_state) as f:
             state = json.load(f)
+        numbers = ("add_seconds", "resumed") + (("train_seconds",) if "train_size" in plan else ())
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), (int, float)) for k in numbers):
+            raise ValueError("not a build state")
         changed = sorted(k for k, v in plan.items() if state.get(k) != v)
         index = None if changed else faiss.read_index(part_index)
-    except (OSError, ValueError, RuntimeError):
+        if index is not None and (index.d != plan.get("dim", index.d) or not index.is_trained):
+            raise ValueError("not the planned index")
+    except (OSError, ValueError, RuntimeError, MemoryError):  # a damaged checkpoint is only lost time
         changed, index = ["unreadable checkpoint"], None
     if changed or index.ntotal > plan["datastore_size"]:
         log(f"discarding the unfinished build at {part_index} (changed: {', '.join(changed)})")
@@ -500,19 +587,24 @@ def _resume(output: str, plan: Dict, log) -> Optional[Tuple[faiss.Index, Dict]]:
 
 def _add_keys(index, reader: KeyReader, add_batch: int, gpu: bool, progress: bool,
               checkpoint: Callable[[], None], checkpoint_every: float,
-              on_chunk: Optional[Callable[[int], None]]) -> None:
-    add = _GpuAssign(index).add if gpu else index.add
+              on_chunk: Optional[Callable[[int], None]], span: Optional[Tuple[int, int]] = None) -> None:
+    """Add the keys not yet in ``index``: all of the store, or the rows
+    ``span`` = (first, end) of it with their positions as explicit ids (a
+    shard of a sharded build)."""
+    add = _GpuAssign(index).add if gpu else (lambda x, ids=None: _add(index, x, ids))
+    first, end = span if span is not None else (0, reader.size)
     last_checkpoint = time.monotonic()
-    with tqdm(total=reader.size, initial=index.ntotal, desc="add", unit="keys", unit_scale=True,
+    with tqdm(total=end - first, initial=index.ntotal, desc="add", unit="keys", unit_scale=True,
               disable=not progress, file=sys.stderr) as bar:
         try:
-            for lo, hi, x in reader.chunks(add_batch, start=index.ntotal):
-                # FAISS numbers added vectors ntotal, ntotal+1, ...: ids == positions.
-                assert index.ntotal == lo
-                add(x)
+            for lo, hi, x in reader.chunks(add_batch, start=first + index.ntotal, end=end):
+                # Ids are datastore positions: FAISS numbers added vectors ntotal,
+                # ntotal+1, ... in a whole build; a shard passes them explicitly.
+                assert first + index.ntotal == lo
+                add(x, None if span is None else np.arange(lo, hi, dtype=np.int64))
                 del x
                 bar.update(hi - lo)
-                if hi < reader.size and time.monotonic() - last_checkpoint >= checkpoint_every:
+                if hi < end and time.monotonic() - last_checkpoint >= checkpoint_every:
                     checkpoint()
                     last_checkpoint = time.monotonic()
                 if on_chunk is not None:

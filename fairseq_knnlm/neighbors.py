@@ -13,6 +13,8 @@ DIR``) holding, in the order fairseq-eval-lm scored the tokens::
                                        (names in meta.json ``lm_feature_names``)
     counts.npy        (n, k)  int32    optional, pruned datastores only: each neighbour's
                                        count (its weight is count * exp(-d / T))
+    queries.npy       (n, d)  float32  optional, runs with --knn-cache-size only: every
+                                       token's key, which the continuous cache needs
     meta.json                          written last; see docs/SWEEP.md
 
 Crash safety is the datastore's: the writer streams into ``DIR.partial``,
@@ -42,6 +44,7 @@ from .datastore import (
     shard_dirname,
 )
 from .errors import UserError
+from .validate import COUNT, POSITIVE, check_fields, first_outside, open_npy, read_json_object, scan_rows
 
 FORMAT_VERSION = 1
 KIND = "knnlm-neighbors"
@@ -53,6 +56,7 @@ VALS_FILE = "vals.npy"
 SEGMENTS_FILE = "segments.npy"
 LM_FEATURES_FILE = "lm_features.npy"
 COUNTS_FILE = "counts.npy"
+QUERIES_FILE = "queries.npy"
 
 TARGETS_DTYPE = np.dtype(np.int32)
 LM_DTYPE = np.dtype(np.float32)
@@ -60,6 +64,7 @@ VALS_DTYPE = np.dtype(np.int32)
 SEGMENTS_DTYPE = np.dtype(np.int64)
 LM_FEATURES_DTYPE = np.dtype(np.float32)
 COUNTS_DTYPE = np.dtype(np.int32)
+QUERIES_DTYPE = np.dtype(np.float32)
 FP16_MAX = float(np.finfo(np.float16).max)
 # Distances at least this large are "no neighbour" sentinels (FAISS pads
 # unfilled slots with FLT_MAX or +inf); they may become +inf in float16.
@@ -69,7 +74,7 @@ SENTINEL_DIST = 1e30
 RESERVED_META = (
     "format_version", "kind", "id", "n", "k", "num_segments", "created",
     "targets_dtype", "lm_log_probs_dtype", "dists_dtype", "vals_dtype", "segments_dtype",
-    "lm_feature_names", "lm_features_dtype", "counts_dtype",
+    "lm_feature_names", "lm_features_dtype", "counts_dtype", "queries_dtype", "query_dim",
 )
 
 
@@ -78,6 +83,10 @@ class NeighborsError(UserError):
 
 
 RERUN = "rerun fairseq-eval-lm --knnlm with --knn-save-neighbors"
+# meta.json fields the readers rely on (the writer records them).
+REQUIRED_FIELDS = dict(n=COUNT, k=POSITIVE, dists_dtype=("float16", "float32"))
+OPTIONAL_FIELDS = dict(num_segments=COUNT, lm_feature_names=list, counts_dtype=("int32",),
+                       queries_dtype=("float32",), query_dim=POSITIVE, dictionary_size=int)
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -96,7 +105,7 @@ class NeighborsWriter:
     """
 
     def __init__(self, path: str, k: int, meta: dict, fp16_dists: bool = False, overwrite: bool = False,
-                 feature_names=None, with_counts: bool = False):
+                 feature_names=None, with_counts: bool = False, query_dim: Optional[int] = None):
         if int(k) < 1:
             raise NeighborsError(f"cannot save {k} neighbours per token; --k must be at least 1")
         self.final_dir = os.path.abspath(str(path).rstrip("/"))
@@ -107,6 +116,8 @@ class NeighborsWriter:
         self.feature_names = list(feature_names) if feature_names else None
         # Neighbour counts of a pruned datastore; every append then gives them.
         self.with_counts = bool(with_counts)
+        # Every token's key (the continuous cache's memory), query_dim wide; every append then gives them.
+        self.query_dim = int(query_dim) if query_dim else None
         try:  # fail now, not after hours of scoring
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -139,10 +150,12 @@ class NeighborsWriter:
             layout += ((LM_FEATURES_FILE, LM_FEATURES_DTYPE, (n, len(self.feature_names))),)
         if self.with_counts:
             layout += ((COUNTS_FILE, COUNTS_DTYPE, (n, self.k)),)
+        if self.query_dim:
+            layout += ((QUERIES_FILE, QUERIES_DTYPE, (n, self.query_dim)),)
         return layout
 
     def append(self, targets, lm_log_probs, dists, neighbor_vals, lengths=None, lm_features=None,
-               counts=None) -> None:
+               counts=None, queries=None) -> None:
         """Add n scored tokens, in the order fairseq-eval-lm scores them.
 
         targets (n,) int, lm_log_probs (n,) float, dists (n, k) float,
@@ -152,7 +165,8 @@ class NeighborsWriter:
         fairseq-eval-lm sums in float32, so passing them lets the sweep
         reproduce its perplexity to the last digit.  ``lm_features`` (n, f):
         required when the writer was made with ``feature_names``, refused otherwise;
-        ``counts`` (n, k) likewise with ``with_counts``.
+        ``counts`` (n, k) likewise with ``with_counts``, ``queries`` (n, query_dim)
+        with ``query_dim``.
         """
         targets, lm = _as_numpy(targets), _as_numpy(lm_log_probs)
         dists, vals = _as_numpy(dists), _as_numpy(neighbor_vals)
@@ -179,6 +193,13 @@ class NeighborsWriter:
             raise NeighborsError(
                 f"pass neighbour counts of shape ({n}, {self.k}) with every append exactly when "
                 f"the writer has with_counts ({self.with_counts})"
+            )
+        if bool(self.query_dim) != (queries is not None) or (
+            queries is not None and _as_numpy(queries).shape != (n, self.query_dim)
+        ):
+            raise NeighborsError(
+                f"pass queries of shape ({n}, {self.query_dim}) with every append exactly when "
+                "the writer has a query_dim"
             )
         if not (np.issubdtype(targets.dtype, np.integer) and np.issubdtype(vals.dtype, np.integer)):
             raise NeighborsError(
@@ -213,6 +234,8 @@ class NeighborsWriter:
                 np.ascontiguousarray(_as_numpy(lm_features), dtype=LM_FEATURES_DTYPE).tobytes())
         if self.with_counts:
             self._files[COUNTS_FILE].write(np.ascontiguousarray(_as_numpy(counts), dtype=COUNTS_DTYPE).tobytes())
+        if self.query_dim:
+            self._files[QUERIES_FILE].write(np.ascontiguousarray(_as_numpy(queries), dtype=QUERIES_DTYPE).tobytes())
         self.segments.extend(x for x in lengths if x > 0)
         self.n += n
 
@@ -250,6 +273,8 @@ class NeighborsWriter:
             meta.update(lm_feature_names=self.feature_names, lm_features_dtype=LM_FEATURES_DTYPE.name)
         if self.with_counts:
             meta.update(counts_dtype=COUNTS_DTYPE.name)
+        if self.query_dim:
+            meta.update(queries_dtype=QUERIES_DTYPE.name, query_dim=self.query_dim)
         return commit_directory(self.partial_dir, self.final_dir, meta)
 
     def abort(self) -> None:
@@ -281,6 +306,7 @@ class Neighbors:
     segments: np.ndarray      # (m,) int64, rows per scored sequence, sum n
     lm_features: Optional[np.ndarray] = None  # (n, f) float32, files saved with LM features only
     counts: Optional[np.ndarray] = None       # (n, k) int32, neighbours of pruned datastores only
+    queries: Optional[np.ndarray] = None      # (n, d) float32, runs with --knn-cache-size only
 
     @property
     def k(self) -> int:
@@ -310,12 +336,8 @@ def _read_meta(path: str) -> Dict:
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
         raise NeighborsError(f"{path} holds no complete saved neighbours (no {META_FILE}); {RERUN}")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise NeighborsError(f"{meta_path} is unreadable ({e}); {RERUN}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+    meta = read_json_object(meta_path, NeighborsError, RERUN)
+    if meta.get("kind") != KIND:
         raise NeighborsError(
             f"{path} is not a saved-neighbours file (a datastore?); pass the --knn-save-neighbors directory"
         )
@@ -324,28 +346,35 @@ def _read_meta(path: str) -> Dict:
         raise NeighborsError(
             f"{path} has neighbours format {version}, this version reads {FORMAT_VERSION}; {RERUN}"
         )
-    for field in ("n", "k", "dists_dtype"):
-        if field not in meta:
-            raise NeighborsError(f"{meta_path} lacks {field!r}; {RERUN}")
+    check_fields(meta, REQUIRED_FIELDS, meta_path, NeighborsError, RERUN, OPTIONAL_FIELDS)
+    if not all(isinstance(name, str) for name in meta.get("lm_feature_names") or []):
+        raise NeighborsError(f"{meta_path}: field 'lm_feature_names' is not a list of names; {RERUN}")
     return meta
 
 
 def _open_array(path: str, name: str, dtype, shape) -> np.ndarray:
-    file = os.path.join(path, name)
-    expected = NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
-    actual = os.path.getsize(file) if os.path.exists(file) else -1
-    if actual != expected:
-        state = "missing" if actual < 0 else f"truncated or corrupt ({actual} bytes, expected {expected})"
-        raise NeighborsError(f"{file} is {state}; {RERUN}")
-    try:
-        arr = np.load(file, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise NeighborsError(f"{file} is not a readable .npy file ({e}); {RERUN}") from None
-    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-        raise NeighborsError(
-            f"{file} holds {arr.dtype} {arr.shape}, meta.json says {np.dtype(dtype)} {tuple(shape)}; {RERUN}"
-        )
-    return arr
+    return open_npy(os.path.join(path, name), dtype, shape, NPY_HEADER_BYTES, NeighborsError, RERUN)
+
+
+def _check_contents(path: str, meta: Dict, arrays: Dict) -> None:
+    """Targets and values are token ids (-1: no neighbour) of the run's dictionary, and no
+    LM log-probability or distance is NaN: what a damaged file shows (a vectorised pass)."""
+    vocab = meta.get("dictionary_size")
+    known = isinstance(vocab, int) and vocab > 0
+    high = vocab if known else np.iinfo(np.int32).max
+    dictionary = f"the run's {vocab:,}-type dictionary" if known else "a dictionary"
+    for name, key, low in ((TARGETS_FILE, "targets", 0), (VALS_FILE, "vals", -1)):
+        found = first_outside(arrays[key], low, high)
+        if found is not None:
+            raise NeighborsError(f"{os.path.join(path, name)} row {found[0]:,} holds {found[1]:,}, not a token "
+                                 f"id of {dictionary}: the file is damaged; {RERUN}")
+    for name, key in ((LM_FILE, "lm_log_probs"), (DISTS_FILE, "dists")):
+        for lo, block in scan_rows(arrays[key]):
+            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf: the exact test decides
+                suspect = np.isnan(block.sum(dtype=np.float32))
+            if suspect and np.isnan(block).any():
+                row = lo + int(np.flatnonzero(np.isnan(block.reshape(len(block), -1)).any(axis=1))[0])
+                raise NeighborsError(f"{os.path.join(path, name)} row {row:,} is NaN: the file is damaged; {RERUN}")
 
 
 def _read_single(path: str) -> Neighbors:
@@ -367,8 +396,11 @@ def _read_single(path: str) -> Neighbors:
         arrays["lm_features"] = _open_array(path, LM_FEATURES_FILE, LM_FEATURES_DTYPE, (n, len(names)))
     if "counts_dtype" in meta:
         arrays["counts"] = _open_array(path, COUNTS_FILE, COUNTS_DTYPE, (n, k))
+    if "queries_dtype" in meta:
+        arrays["queries"] = _open_array(path, QUERIES_FILE, QUERIES_DTYPE, (n, int(meta.get("query_dim") or 0)))
     if int(arrays["segments"].sum()) != n or (arrays["segments"] < 0).any():
         raise NeighborsError(f"{os.path.join(path, SEGMENTS_FILE)} does not add up to {n} rows; {RERUN}")
+    _check_contents(path, meta, arrays)
     return Neighbors(path=path, meta=meta, **arrays)
 
 
@@ -435,4 +467,5 @@ def read_neighbors(path: str) -> Neighbors:
         segments=np.concatenate([s.segments for s in shards]),
         lm_features=np.concatenate([s.lm_features for s in shards]) if with_features else None,
         counts=RowConcat([s.counts for s in shards]) if first.get("counts_dtype") else None,
+        queries=RowConcat([s.queries for s in shards]) if all(s.queries is not None for s in shards) else None,
     )

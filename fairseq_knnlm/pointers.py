@@ -245,6 +245,12 @@ def index_distances(index, metric: str, index_path: str = "the index") -> EntryD
     reconstructing their entries once they are read from disk).
     """
     inner, transform = _transformed_queries(index)
+    if isinstance(faiss.downcast_index(inner), faiss.IndexShards):
+        raise PointerError(
+            f"--knn-pointers cannot give the candidates of {index_path} its own distances: index pieces "
+            "searched in place cannot reconstruct entries; use --knn-sim-func l2, or merge the pieces "
+            "(fairseq-knnlm-build-index --merge)"
+        )
     try:
         ivf = faiss.extract_index_ivf(inner)
     except RuntimeError:

@@ -116,16 +116,30 @@ def _load_state(state_dir: str, plan: Dict, size: int, initial_counts: np.ndarra
             if same:
                 with np.load(state_path) as z:
                     state = int(z["position"]), z["counts"].copy(), z["alive"].copy(), z["absorbed"].copy()
-                if len(state[1]) == size:
+                if _consistent(state, size, initial_counts):
                     log(f"resuming the pruning saved in {state_dir}: {state[0]:,} of {size:,} entries visited")
                     return state
-        except (OSError, ValueError, KeyError):
+        except Exception:  # a damaged checkpoint (truncated zip, wrong arrays, ...) only costs the time
             pass
         log(f"discarding the unfinished pruning in {state_dir} (other settings or unreadable)")
     shutil.rmtree(state_dir, ignore_errors=True)
     os.makedirs(state_dir)
     write_json_atomic(plan_path, plan)
     return 0, initial_counts, np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
+
+
+def _consistent(state, size: int, initial_counts: np.ndarray) -> bool:
+    """A checkpoint the merge can continue from: arrays of the store's size and
+    kinds, and the counts of the entries still in the store summing to those of
+    the source (merging moves counts, never loses them)."""
+    position, counts, alive, absorbed = state
+    return (
+        0 <= position <= size
+        and counts.shape == alive.shape == absorbed.shape == (size,)
+        and counts.dtype == np.int64 and alive.dtype == absorbed.dtype == np.bool_
+        and int(counts[alive].sum()) == int(initial_counts.sum())
+        and bool((counts[alive] >= 1).all())
+    )
 
 
 def _save_state(state_dir: str, position: int, counts, alive, absorbed) -> None:

@@ -70,6 +70,11 @@ class KNNRetriever:
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         self.queries_searched += len(q)
         scores, ids, exact = self._index_search(q)
+        if ids.size and ids.max() >= self.datastore.size:  # a damaged index: never index past the store
+            raise RetrievalConfigError(
+                f"the index returned neighbour id {int(ids.max())} but the datastore has "
+                f"{self.datastore.size} entries: the index file is damaged; rebuild it"
+            )
         missing = ids < 0
         safe_ids = np.where(missing, 0, ids)
         vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)

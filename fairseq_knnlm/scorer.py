@@ -18,6 +18,7 @@ import torch
 from fairseq import utils as fairseq_utils
 
 from . import adaptive, knn_math
+from .cache import make_cache
 from .datastore import DatastoreWriter
 from .errors import UserError
 from .keys import KeyCapture
@@ -68,6 +69,7 @@ class _Batch(NamedTuple):
     lm_lp: torch.Tensor  # (n,) log p_LM(target)
     lm_feats: Optional[torch.Tensor]  # (n, f) adaptive-retrieval features, or None
     queries: torch.Tensor  # (n, dim) kNN keys
+    ids: Optional[torch.Tensor] = None  # (kept rows,) sample ids: the continuous cache checks their order
 
 
 class KNNSequenceScorer:
@@ -86,6 +88,7 @@ class KNNSequenceScorer:
         self.tokens = 0
         self.retrieval_counts = [0, 0]  # tokens searched, tokens decided (--knn-retrieval-predictor)
         self.overlap = None  # --knn-overlap's SearchOverlap, made at the first batch
+        self.cache = make_cache(self.args)  # --knn-cache-size's continuous cache (cache.py), or None
 
     # ----------------------------------------------------------- main entry
     @torch.no_grad()
@@ -121,16 +124,24 @@ class KNNSequenceScorer:
         targets = sample["target"][mask]
         lm_feats = [] if self._wants_lm_features() else None
         lm_lp = lm_target_log_probs(model, features[mask], extra, targets, self.chunk, lm_feats)
-        lm_feats = torch.cat(lm_feats) if lm_feats else None
+        if lm_feats is not None:  # (0, f) for a batch without scored tokens (a shard's priming context)
+            empty = torch.zeros(0, len(adaptive.FEATURE_NAMES), device=targets.device)
+            lm_feats = torch.cat(lm_feats) if lm_feats else empty
         queries = keys[mask]
-        return _Batch(mask, keep_rows, targets, lm_lp, lm_feats, queries)
+        return _Batch(mask, keep_rows, targets, lm_lp, lm_feats, queries, sample["id"][keep_rows])
 
     @torch.no_grad()  # grad mode is per thread: also when run by --knn-overlap's worker
     def _search_step(self, batch: "_Batch"):
-        """The retrieval's part of a batch: search, kNN probabilities, interpolation."""
-        return self._knn_scores(
-            batch.queries, batch.targets, batch.lm_lp, batch.mask.sum(dim=1), lm_features=batch.lm_feats
-        )
+        """The retrieval's part of a batch: search, kNN probabilities, interpolation, then the
+        continuous cache (in batch order, also under --knn-overlap)."""
+        scores = batch.lm_lp
+        if self.args.knnlm:
+            scores = self._knn_scores(
+                batch.queries, batch.targets, batch.lm_lp, batch.mask.sum(dim=1), lm_features=batch.lm_feats
+            )
+        if self.cache is not None:
+            scores = self.cache(batch.queries, batch.targets, scores, batch.ids)
+        return scores
 
     def _overlapped(self, model, sample):
         """--knn-overlap: this batch's search step runs in a worker thread while the
@@ -195,7 +206,7 @@ class KNNSequenceScorer:
         dists, vals, counts = self.task.retriever.search(queries, with_counts=True)
         knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp, counts)
         if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, counts)
+            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, counts, queries)
         return knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
 
     def _pointer_knn_scores(self, queries, targets, lm_lp, row_lengths, selected, lm_features):
@@ -206,7 +217,7 @@ class KNNSequenceScorer:
         dists, vals = self.task.pointers.score_rows(queries, targets, row_lengths, selected)
         knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp)
         if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features)
+            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, queries=queries)
         scores = knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
         return scores if selected is None else torch.where(selected, scores, lm_lp)
 
@@ -237,7 +248,9 @@ class KNNSequenceScorer:
             scores[rows] = knn_math.interpolate(lm_lp[rows], knn_lp, self.args.lmbda)
         return scores
 
-    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths, lm_features=None, counts=None):
+    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths, lm_features=None, counts=None,
+                         queries=None):
+        keys = queries if self.cache is not None else None  # what the cache sweep needs, only then
         if self.neighbors_writer is None:
             from .neighbors import NeighborsWriter
 
@@ -251,6 +264,9 @@ class KNNSequenceScorer:
                 candidates=self.task.retriever.candidates,
                 faiss_params=self.args.knn_faiss_params,
                 pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,
+                cache_size=self.args.knn_cache_size,
+                cache_theta=self.args.knn_cache_theta,
+                cache_lmbda=self.args.knn_cache_lmbda,
                 dstore=self.task.datastore.path,
                 dstore_fingerprint=self.task.datastore.fingerprint,
                 dstore_size=self.task.datastore.size,
@@ -265,6 +281,7 @@ class KNNSequenceScorer:
                 overwrite=self.args.knn_save_neighbors_overwrite,
                 feature_names=adaptive.FEATURE_NAMES if lm_features is not None else None,
                 with_counts=counts is not None,
+                query_dim=None if keys is None else keys.size(-1),
             )
         self.neighbors_writer.append(
             targets.cpu().numpy(),
@@ -275,6 +292,7 @@ class KNNSequenceScorer:
             lengths=row_lengths.cpu().numpy(),
             lm_features=None if lm_features is None else lm_features.cpu().numpy(),
             counts=None if counts is None else counts.cpu().numpy(),
+            queries=None if keys is None else keys.float().cpu().numpy(),
         )
 
     # ------------------------------------------------------------ the end
@@ -304,6 +322,8 @@ class KNNSequenceScorer:
             )
         if self.task.pointers is not None and self.task.pointers.tokens:
             logger.info(self.task.pointers.report())  # benchmarks parse this line
+        if self.cache is not None and self.cache.tokens:
+            logger.info(self.cache.describe())
         if self.retrieval_counts[1]:
             searched, decided = self.retrieval_counts
             logger.info(f"adaptive retrieval: searched {searched:,} of {decided:,} scored tokens "

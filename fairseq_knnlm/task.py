@@ -19,6 +19,8 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from . import knn_math
 from .adaptive import check_retrieval_flags, load_for_run
+from .cache import cache_enabled, check_cache_flags, check_context_window
+from .distributed_search import check_distributed_flags
 from .errors import UserError
 from .overlap import check_overlap_flags
 from .search_params import set_threads
@@ -56,7 +58,12 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
     # kNN-LM evaluation
     knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with kNN retrieval from --dstore"})
     knn_index: Optional[str] = field(
-        default=None, metadata={"help": "FAISS index of the datastore (default: DSTORE/knn.index)"}
+        default=None, metadata={"help": "FAISS index of the datastore (default: DSTORE/knn.index), or a "
+                                "directory of index shards (fairseq-knnlm-build-index --trained ...), searched in place"}
+    )
+    knn_index_mmap: bool = field(
+        default=False, metadata={"help": "memory-map the index's inverted lists instead of reading them into "
+                                 "RAM (same results; merged sharded indexes are always on disk)"}
     )
     k: int = field(default=1024, metadata={"help": "number of neighbours retrieved"})
     lmbda: float = field(default=0.25, metadata={"help": "kNN interpolation weight λ"})
@@ -67,7 +74,19 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         metadata={"help": "faiss: the index's distances; l2: exact squared L2 from stored keys; ip: inner product"},
     )
     dstore_in_memory: bool = field(default=False, metadata={"help": "load keys and values into RAM"})
+    knn_check_datastore: bool = field(
+        default=False,
+        metadata={"help": "scan every value (and count) of --dstore against the dictionary and every key for "
+                  "NaN/inf at start-up; without it, stores above 16M entries trust the ranges their writer "
+                  "recorded (smaller ones are always scanned)"},
+    )
     knn_gpu: bool = field(default=False, metadata={"help": "search the index on all visible GPUs"})
+    knn_distributed_index: bool = field(
+        default=False,
+        metadata={"help": "under fairseq's distributed launch, rank r of W holds the pieces i % W == r of the "
+                  "--knn-index directory and every batch is searched over all ranks' pieces (same results as "
+                  "searching them in one process)"},
+    )
     # Search speed (search_params.py, overlap.py)
     knn_faiss_params: Optional[str] = field(
         default=None,
@@ -124,6 +143,19 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         metadata={"help": "with --knn-pointers: search when fewer than this many candidates remain "
                   "(above --k: every token is searched, as without pointers)"},
     )
+    # Continuous cache of the evaluated text (cache.py)
+    knn_cache_size: int = field(
+        default=0,
+        metadata={"help": "continuous cache (Grave et al., 2017): also predict each token from the keys and next "
+                  "tokens of the N scored tokens before it, in corpus order (0: no cache); with or without --knnlm"},
+    )
+    knn_cache_theta: float = field(
+        default=0.3, metadata={"help": "cache flatness θ: entry i weighs exp(θ · key_t · key_i) (0: all the same)"}
+    )
+    knn_cache_lmbda: float = field(
+        default=0.1,
+        metadata={"help": "cache interpolation weight λ_c: p = (1 - λ_c) · p_kNN-LM (or p_LM) + λ_c · p_cache"},
+    )
 
 
 def _planned_sharding(cfg):
@@ -159,14 +191,19 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (overlap.py)
         self.retrieval_predictor, self.retrieval_threshold = None, None
         check_retrieval_flags(args)
+        check_distributed_flags(args)
         self.pointers = None  # --knn-pointers (pointers.py)
         if getattr(args, "knn_pointers", False):
             from .pointers import check_pointer_flags
 
             check_pointer_flags(args)
+        check_cache_flags(args, _planned_sharding(args)[0] if cache_enabled(args) else 1)
         if args.save_knnlm_dstore or args.knnlm:
             self._check_flags(args)
-            _install_scorer(self)
+        elif cache_enabled(args):  # LM + continuous cache: the scorer without a datastore
+            check_keytype(args.knn_keytype)
+            check_overlap_flags(args)
+            set_threads(args.knn_faiss_threads, args.knn_torch_threads)
 
     # ------------------------------------------------------------------ set-up
     def _check_flags(self, args):
@@ -213,17 +250,24 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 f"({meta.get('dictionary_size')} types) than {args.data} ({len(self.dictionary)} types); "
                 "binarize the data with the model's dict.txt and rebuild the datastore"
             )
-        from .index import default_index_path, load_index
+        self.datastore.check_values(len(self.dictionary), full=args.knn_check_datastore)
+        from .index import default_index_path
         from .retriever import KNNRetriever
+        from .sharded_index import open_index
 
         index_path = args.knn_index or default_index_path(args.dstore)
-        index, index_meta = load_index(
-            index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu,
-            faiss_params=args.knn_faiss_params,
-        )
-        self.retriever = KNNRetriever(
-            self.datastore, index, index_meta, args.k, args.knn_sim_func, candidates=args.knn_candidates
-        )
+        if args.knn_distributed_index:
+            from .distributed_search import open_distributed_retriever
+
+            self.retriever = open_distributed_retriever(args, self.datastore, index_path)
+        else:
+            index, index_meta = open_index(
+                index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu,
+                faiss_params=args.knn_faiss_params, mmap=args.knn_index_mmap,
+            )
+            self.retriever = KNNRetriever(
+                self.datastore, index, index_meta, args.k, args.knn_sim_func, candidates=args.knn_candidates
+            )
         if args.knn_retrieval_predictor:
             self._load_retrieval_predictor(args)
         if args.knn_pointers:
@@ -248,7 +292,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
-        if self.args.save_knnlm_dstore or self.args.knnlm:
+        if self.args.save_knnlm_dstore or self.args.knnlm or cache_enabled(self.args):
             KeyCapture(model, self.args.knn_keytype).remove()  # fails early if un-hookable
             dim = key_dim(model, self.args.knn_keytype)
             if self.datastore is not None and dim != self.datastore.dim:
@@ -308,6 +352,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         context_window=0,
     ):
         self.context_window = context_window
+        check_cache_flags(self.args, num_shards)  # the shards eval-lm actually asks for
+        check_context_window(self.args, context_window)
         writes = self.args.save_knnlm_dstore or self.args.knn_save_neighbors
         if writes and (num_shards, shard_id) != (self.num_shards, self.shard_id):
             raise RuntimeError(
@@ -325,13 +371,17 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
                 num_workers, data_buffer_size, context_window,
             )
-        if not (self.args.save_knnlm_dstore or self.args.knnlm):
+        if not (self.args.save_knnlm_dstore or self.args.knnlm or cache_enabled(self.args)):
             return itr
         if self.args.knn_overlap:
             from .overlap import Lookahead
 
             itr = self.lookahead = Lookahead(itr)
-        return _EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm)
+        # Only the running eval-lm gets our scorer (not the hub or generation in the
+        # same process), and only until its loop ends.
+        restore = _install_scorer(self)
+        return _EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm,
+                              on_exit=restore)
 
     def _contiguous_shard(
         self, dataset, max_tokens, batch_size, max_positions, num_shards, shard_id,
@@ -387,6 +437,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         --knnlm, every model's normalized probabilities become the kNN-LM's."""
         if self.args.knn_overlap:
             raise UserError("--knn-overlap is for fairseq-eval-lm (generation searches step by step); drop it")
+        if cache_enabled(self.args):
+            raise UserError("--knn-cache-size is for fairseq-eval-lm (the cache holds the evaluated text's "
+                            "own previous tokens); drop it for generation")
         if self.args.knnlm:
             from .generation import attach_knnlm
 
@@ -404,33 +457,43 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             )
 
     def finish_eval_lm(self):
+        serve = getattr(self.retriever, "serve_until_done", None)
+        if serve is not None:  # --knn-distributed-index: answer the other ranks until all are done
+            serve()
         if self.active_scorer is not None:
             self.active_scorer.finish()
 
 
 class _EvalLoopHooks:
     """Iterates like ``itr`` (and has its length); calls ``on_start`` before the
-    first batch and ``on_end`` once it is exhausted."""
+    first batch, ``on_end`` once it is exhausted and ``on_exit`` however the loop ends."""
 
-    def __init__(self, itr, on_start, on_end):
+    def __init__(self, itr, on_start, on_end, on_exit=None):
         self.itr = itr
         self.on_start = on_start
         self.on_end = on_end
+        self.on_exit = on_exit
 
     def __len__(self):
         return len(self.itr)
 
     def __iter__(self):
-        self.on_start()
-        yield from self.itr
-        self.on_end()
+        try:
+            self.on_start()
+            yield from self.itr
+            self.on_end()
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
 
 
 def _install_scorer(task):
-    """Make the running fairseq-eval-lm build our scorer instead of SequenceScorer.
+    """Make the running fairseq-eval-lm build our scorer instead of SequenceScorer;
+    returns the function that puts fairseq's back.
 
     fairseq_cli.eval_lm looks the name ``SequenceScorer`` up in its module
-    globals when it builds the scorer, so rebinding it there is enough.
+    globals when it builds the scorer (after asking for the data loader), so
+    rebinding it there is enough.
     """
     from .scorer import KNNSequenceScorer
 
@@ -446,6 +509,15 @@ def _install_scorer(task):
     while frame is not None:
         namespaces.append(frame.f_globals)
         frame = frame.f_back
+    patched = []
     for namespace in namespaces:
         if "SequenceScorer" in namespace and callable(namespace.get("eval_lm")):
+            patched.append((namespace, namespace["SequenceScorer"]))
             namespace["SequenceScorer"] = make_scorer
+
+    def restore():
+        for namespace, original in reversed(patched):
+            if namespace.get("SequenceScorer") is make_scorer:
+                namespace["SequenceScorer"] = original
+
+    return restore

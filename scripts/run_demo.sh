@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: installs what it needs, then runs kNN-LM on WikiText-2 end to end
-# (preprocess -> train an LM -> datastore -> FAISS indexes -> baseline vs kNN-LM).
+# (preprocess -> train an LM -> datastore -> FAISS indexes -> baseline vs kNN-LM, and the
+# continuous cache). It ends by printing the headline table (valid and test perplexities, from
+# WORKDIR/results.json) and where the report (results.md) and the plots are.
 #
 #   bash scripts/run_demo.sh          # --tiny (default): a small slice and a small model,
 #                                     #   a few minutes on 2 CPU cores

@@ -15,7 +15,7 @@ WT2 = ROOT / "examples" / "wikitext2"
 WT103 = ROOT / "examples" / "wikitext103"
 STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
           "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
-          "dstore-size", "subset", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
+          "dstore-size", "subset", "cache", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
 pytestmark = pytest.mark.skipif(not (WIKITEXT2 / "train.txt").exists(), reason=f"no WikiText-2 in {WIKITEXT2}")
 
@@ -77,15 +77,16 @@ def test_wikitext2_datastore_size_uses_prefixes_of_train(wt2):
         np.testing.assert_array_equal(np.asarray(sub.vals), np.asarray(full.vals[: sub.size]))
         np.testing.assert_array_equal(np.asarray(sub.keys[-5:]), np.asarray(full.keys[sub.size - 5 : sub.size]))
         assert sub.meta["prefix_fraction"] == frac
-        assert entry["run"]["dstore"] == str(work / f"dstore-{tag}")
+        assert entry["run"]["dstore"] == f"dstore-{tag}"  # relative to the work directory
 
 
 def test_wikitext2_report_tables_and_plots(wt2):
-    work, res, _ = wt2
+    work, res, out = wt2
     report = work / "report"
     md = (report / "results.md").read_text()
-    for title in ("base LM vs kNN-LM", "Perplexity vs k", "Perplexity vs λ", "Perplexity vs temperature",
-                  "Perplexity vs datastore size", "Exact vs approximate", "Wall time of every stage"):
+    for title in ("base LM vs kNN-LM", "Continuous cache", "Perplexity vs k", "Perplexity vs λ",
+                  "Perplexity vs temperature", "Perplexity vs datastore size", "Exact vs approximate",
+                  "Wall time of every stage"):
         assert title in md
     assert "not run" not in md
     for png in ("ppl_vs_k", "ppl_vs_lambda", "ppl_vs_temperature", "ppl_vs_dstore_size"):
@@ -95,6 +96,44 @@ def test_wikitext2_report_tables_and_plots(wt2):
     sub = res["subset"]
     assert {"baseline", "ivfpq-faiss", "ivfpq-l2", "flat"} <= set(sub)
     assert sub["flat"]["run"]["index"].endswith("flat.index")
+    # The run ends with the headline table, from results.json, and where everything is.
+    tail = out[out.rindex("kNN-LM on WikiText-2 (tiny run)"):].splitlines()
+    f2 = "{:.2f}".format
+    assert tail[2].split()[-2:] == [f2(res["baseline"]["valid"]["ppl"]), f2(res["baseline"]["test"]["ppl"])]
+    assert tail[3].split()[-2:] == [f2(res["chosen"]["faiss"]["ppl"]), f2(res["knn_test"]["faiss"]["ppl"])]
+    both = res["cache"]["table"]["both"]
+    assert "continuous cache" in tail[-4] and tail[-4].split()[-2:] == [f2(both["valid"]), f2(both["test"])]
+    assert tail[-3].endswith("report/results.md") and "ppl_vs_k.png" in tail[-2]
+    assert tail[-1].endswith("results.json")
+    # No result file records an absolute path of this machine: paths are relative to the work directory.
+    def strings(x):
+        if isinstance(x, dict):
+            x = list(x.values())
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    for name in ("results.json", "report/results.json"):
+        words = [w for s in strings(json.loads((work / name).read_text())) for w in s.split()]
+        assert not [w for w in words if w.startswith("/")], name
+        assert "data-bin" in words and "--user-dir" in words  # the commands are there, relative
+    assert str(work) not in md
+
+
+def test_wikitext2_continuous_cache_chosen_on_valid(wt2):
+    _, res, _ = wt2
+    cache = res["cache"]
+    table, chosen = cache["table"], res["chosen"]["faiss"]
+    # The cache sweep's λ and λc = 0 slices are the base LM and the kNN-LM chosen before.
+    assert table["base"]["valid"] == pytest.approx(res["sweep_valid"]["faiss"]["base"]["ppl"])
+    assert table["knn"]["valid"] == pytest.approx(chosen["ppl"])
+    assert table["knn"]["test"] == pytest.approx(res["knn_test"]["faiss"]["ppl"], abs=0.006)
+    assert table["both"]["valid"] <= min(table["knn"]["valid"], table["cache"]["valid"])
+    # The test run at the setting chosen on valid prints what the offline sweep of its keys gives.
+    run = cache["test_run"]
+    assert (run["lmbda"], run["cache_lmbda"]) == (table["both"]["setting"]["lmbda"],
+                                                  table["both"]["setting"]["cache_lmbda"])
+    assert abs(math.log2(table["both"]["test"]) - run["loss"]) < 2e-4
 
 
 def test_wikitext2_rerun_reuses_the_work_directory(wt2):

@@ -234,3 +234,16 @@ def test_attaching_needs_a_knnlm_task(plain_hub):
         attach_knnlm(plain_hub.models[0], plain_hub.task)
     with pytest.raises(GenerationError, match="not task="):
         knnlm_task_overrides(task="knnlm_language_modeling")
+
+
+def test_a_knnlm_hub_leaves_eval_lm_in_the_same_process_alone(tiny_lm, data_bin, tiny_datastore):
+    """Only a running fairseq-eval-lm gets the kNN scorer: loading and using a kNN-LM
+    hub must not make a later eval-lm in the same process (a notebook) score with it."""
+    import fairseq_cli.eval_lm as eval_lm_module
+    from fairseq.sequence_scorer import SequenceScorer
+
+    index = build_flat_index(tiny_datastore, tiny_datastore / "generation-flat.index")
+    hub = from_pretrained(str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),
+                          knn_index=str(index), k=K, lmbda=LMBDA, knn_temp=KNN_TEMP).eval()
+    hub.score(["The game was released in Japan ."])
+    assert eval_lm_module.SequenceScorer is SequenceScorer

@@ -24,6 +24,7 @@ STAGE_ROWS = (
     ("sweep-test-faiss", "sweep on test (read-off at valid-chosen settings)"),
     ("dstore-size", "10% / 30% datastores: copy, index, valid eval, sweep"),
     ("subset", "Flat vs IVF-PQ on a valid subset"),
+    ("cache", "continuous cache: valid run saving keys, sweep of size, θ, λc, λ; test run"),
     ("knn-valid-l2", "kNN-LM on valid, l2 distances, saving neighbours"),
     ("sweep-valid-l2", "sweep on valid (l2)"),
     ("knn-test-l2", "kNN-LM on test at the valid-chosen setting (l2)"),
@@ -73,6 +74,95 @@ def best_on(sw, k=None, t=None, lam=None):
     return sw["temps"][ti], sw["lambdas"][li]
 
 
+def base_lm(results):
+    """{split: stat} of the base LM on the kNN-LM's tokens: the whole splits, or with --eval-tokens
+    λ = 0 of the sweeps (the same forward pass)."""
+    base = {} if results.get("config", {}).get("eval_tokens") else dict(results.get("baseline", {}))
+    for split in ("valid", "test"):
+        sws = results.get(f"sweep_{split}", {})
+        sw = sws.get("faiss") or sws.get("l2")
+        if split not in base and sw:
+            base[split] = dict(sw["base"], from_sweep=True)
+    return base
+
+
+def cache_setting(setting, with_knn=True, with_size=True):
+    """'N 2000, θ 0.1, λc 0.2' (and 'λ 0.25, ' first with the kNN-LM) of a cache table row."""
+    parts = [f"λ {setting['lmbda']:g}"] if with_knn else []
+    if setting["cache_lmbda"]:
+        parts += [f"N {setting['cache_size']}"] if with_size else []
+        parts.append(f"θ {setting['cache_theta']:g}, λc {setting['cache_lmbda']:g}")
+    return ", ".join(parts) or "–"
+
+
+def cache_section(results):
+    """Markdown for the continuous-cache stage, or None."""
+    c = results.get("cache", {})
+    if "table" not in c:
+        return None
+    g = c["grid"]
+    names = {"base": "base LM", "cache": "LM + continuous cache", "knn": "kNN-LM",
+             "both": "kNN-LM + continuous cache"}
+    rows = [[names[name], cache_setting(r["setting"], name in ("knn", "both")), f2(r["valid"]), f2(r["test"])]
+            for name, r in c["table"].items()]
+    md = ["## Continuous cache (Grave et al., 2017), alone and with the kNN-LM\n",
+          "p = (1 − λc) · p_model + λc · p_cache, where p_model is the LM or the kNN-LM and p_cache(w) ∝ "
+          "Σ exp(θ · q_t · q_i) over the N scored tokens before t whose next token is w (keys q: the "
+          f"kNN-LM's). kNN: faiss distances, k {g['k']}, T {g['knn_temp']:g} (chosen for the kNN-LM on valid). "
+          f"Chosen on **valid** over N in {{{', '.join(map(str, g['sizes']))}}}, θ in "
+          f"{{{', '.join(f'{t:g}' for t in g['thetas'])}}}, λc in {g['cache_lambdas']} and λ in {g['lambdas']} "
+          "(jointly, for the last row); test at those settings, from the sweep of a test run's saved "
+          "neighbours and keys.\n",
+          table(["model", "setting (chosen on valid)", "valid", "test"], rows) + "\n"]
+    run = c.get("test_run")
+    if run:
+        md.append(f"Check: the fairseq-eval-lm run on test at the last row's setting printed {run['ppl']:.2f}.\n")
+    per = c.get("per_size")
+    if per:
+        md.append(table(["cache size N", "valid: LM + cache (θ, λc)", "valid: kNN-LM + cache (λ, θ, λc)"],
+                        [[p["size"], f"{f2(p['cache']['ppl'])} ({cache_setting(p['cache'], False, False)})",
+                          f"{f2(p['both']['ppl'])} ({cache_setting(p['both'], with_size=False)})"]
+                         for p in per]) + "\n")
+    return "\n".join(md)
+
+
+def headline(results, results_path, paths):
+    """The table a person reads at the end of a run: base LM vs kNN-LM (and the cache), and where
+    the report, the plots and every number are."""
+    base = base_lm(results)
+    rows = [("base LM", base.get("valid", {}).get("ppl"), base.get("test", {}).get("ppl"))]
+    for sim, name in (("faiss", "approximate"), ("l2", "exact")):
+        c = results.get("chosen", {}).get(sim)
+        if c:
+            rows.append((f"kNN-LM, {sim} ({name}) distances: k {c['k']}, T {c['knn_temp']:g}, λ {c['lmbda']:g}",
+                         c["ppl"], results.get("knn_test", {}).get(sim, {}).get("ppl")))
+    cache = results.get("cache", {}).get("table", {})
+    for name, label in (("cache", "LM + continuous cache"), ("both", "kNN-LM (faiss) + continuous cache")):
+        if name in cache:
+            r = cache[name]
+            rows.append((f"{label}: {cache_setting(r['setting'], name == 'both')}", r["valid"], r["test"]))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"kNN-LM on WikiText-2 ({results.get('mode')} run): perplexity, settings chosen on valid",
+             f"  {'model':<{width}s} {'valid':>9s} {'test':>9s}"]
+    lines += [f"  {label:<{width}s} {f2(v):>9s} {f2(t):>9s}" for label, v, t in rows]
+    report = next((p for p in paths if str(p).endswith(".md")), None)
+    plots = [p for p in paths if str(p).endswith(".png")]
+    lines.append(f"report: {_shown(report)}")
+    if plots:
+        lines.append(f"plots:  {', '.join(_shown(p) for p in plots)}")
+    lines.append(f"every number: {_shown(results_path)}")
+    return "\n".join(lines)
+
+
+def _shown(path):
+    """A path to print: relative to the current directory when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -86,13 +176,7 @@ def write_report(results, work, report_dir):
     cfg = results.get("config", {})
     whole = dict(results.get("baseline", {}))
     n_eval = cfg.get("eval_tokens")
-    # The base LM on exactly the kNN-LM's tokens: λ = 0 of the sweeps (the same forward pass).
-    base = {} if n_eval else dict(whole)
-    for split in ("valid", "test"):
-        sws = results.get(f"sweep_{split}", {})
-        sw = sws.get("faiss") or sws.get("l2")
-        if split not in base and sw:
-            base[split] = dict(sw["base"], from_sweep=True)
+    base = base_lm(results)
     chosen = results.get("chosen", {})
     sv, st = results.get("sweep_valid", {}), results.get("sweep_test", {})
     kt = results.get("knn_test", {})
@@ -148,6 +232,10 @@ def write_report(results, work, report_dir):
     if checks:
         md.append("Check, test at the chosen setting, real run vs offline sweep of its saved neighbours: "
                   + "; ".join(checks) + ".\n")
+
+    cache_md = cache_section(results)
+    if cache_md:
+        md.append(cache_md)
 
     # ---------------------------------------------------------------- vs k
     if sv:
@@ -365,5 +453,6 @@ def plot_lines(path, title, xlabel, xs, series, base, logx=False):
 if __name__ == "__main__":
     work = Path(sys.argv[1])
     dest = Path(sys.argv[2]) if len(sys.argv) > 2 else work / "report"
-    paths = write_report(json.loads((work / "results.json").read_text()), work, dest)
-    print("\n".join(map(str, paths)))
+    results = json.loads((work / "results.json").read_text())
+    paths = write_report(results, work, dest)
+    print(headline(results, work / "results.json", paths))

@@ -26,6 +26,9 @@ work directory, e.g. one whose model was trained separately, is reused):
                     their IVF-PQ indexes, and kNN-LM on valid with each
   subset            exact (Flat) search vs IVF-PQ (faiss and l2 distances) on the first
                     --subset-tokens tokens of valid (Flat search is too slow for whole splits)
+  cache             the continuous cache (Grave et al., 2017), alone and with the kNN-LM: valid
+                    neighbours saved with every token's key, cache size, θ, λc and λ swept on
+                    them, test run at the valid-chosen setting; base, + cache, + kNN, + both
   knn-valid-l2 ... sweep-test-l2   the four kNN stages again with exact (l2) distances
                     recomputed from the stored keys for the IVF-PQ candidates
   report      tables (results.md), results.json and PNG plots -> --report-dir
@@ -36,7 +39,6 @@ output go to WORKDIR/logs/.
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -60,7 +62,7 @@ SPEED_RE = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tok
 # In order of priority: the l2 runs cost most (key reads) and come last.
 STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
           "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
-          "dstore-size", "subset", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
+          "dstore-size", "subset", "cache", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
 # Full: the model of train.sh (pre-norm, adaptive input/softmax, trained on 512-token blocks).
 FULL = dict(
@@ -103,6 +105,11 @@ KS = (1, 8, 64, 256, 1024)
 TEMPS = (1, 2, 5, 10, 15, 20, 30, 50, 75, 100)
 LAMBDAS = "0:0.9:0.025"
 PAPER_LAMBDA, PAPER_TEMP = 0.25, 1.0
+# Continuous cache (Grave et al., 2017): the grid swept on valid, jointly with LAMBDAS at the chosen k and T.
+CACHE_SIZES = (100, 250, 500, 1000, 2000)
+CACHE_THETAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1, 3)
+CACHE_LAMBDAS = "0:0.7:0.05"
+CACHE_SAVE_THETA, CACHE_SAVE_LMBDA = 0.1, 0.1  # of the run that saves valid's keys (the grid decides)
 SIM_FUNCS = ("faiss", "l2")
 
 
@@ -141,6 +148,18 @@ class Pipeline:
         self.user_dir = os.path.dirname(fairseq_knnlm.__file__)
 
     # ------------------------------------------------------------ plumbing
+    def rel(self, path):
+        """A path as results.json records it: relative to the work directory."""
+        return os.path.relpath(os.path.abspath(str(path)), self.work)
+
+    def at(self, recorded):
+        """The path of a recorded (work-relative, or older absolute) path."""
+        return self.work / recorded
+
+    def portable(self, cmd):
+        """A command line as results.json records it: to be run from the work directory."""
+        return " ".join(_quote(self.rel(c) if os.path.isabs(c) else c) for c in map(str, cmd))
+
     def save(self):
         tmp = self.results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1, default=float))
@@ -163,7 +182,7 @@ class Pipeline:
         if proc.returncode != 0:
             sys.stderr.write(out[-4000:])
             raise SystemExit(f"command failed ({proc.returncode}), see {path}: {line}")
-        self.results.setdefault("commands", {})[logname] = line
+        self.results.setdefault("commands", {})[logname] = self.portable(cmd)
         log(f"  done in {time.time() - started:.1f}s")
         return out
 
@@ -207,7 +226,7 @@ class Pipeline:
                 heads[split] = self.work / f"raw-eval{n}" / f"{split}.txt"
                 heads[split].parent.mkdir(exist_ok=True)
                 self.results.setdefault("eval_heads", {})[split] = write_head(
-                    self.results["data"]["files"][split], heads[split], n)
+                    self.at(self.results["data"]["files"][split]), heads[split], n)
             if out.exists():
                 shutil.rmtree(out)
             self.run(["fairseq-preprocess", "--only-source", "--srcdict", self.data_bin / "dict.txt",
@@ -215,19 +234,23 @@ class Pipeline:
                       "--workers", 1], "preprocess-eval")
         return out
 
-    def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None):
+    def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None, cache=None):
         extra = ["--knnlm", "--dstore", dstore, "--knn-index", index, "--k", k or self.args.k,
                  "--lmbda", lmbda, "--knn-temp", temp, "--probe", self.args.probe, "--knn-sim-func", sim]
+        if cache:  # (size, θ, λc) of the continuous cache; its neighbours then carry every token's key
+            extra += ["--knn-cache-size", cache[0], "--knn-cache-theta", cache[1], "--knn-cache-lmbda", cache[2]]
         if save:
             if Path(save).exists():
                 shutil.rmtree(save)  # an incomplete earlier attempt (no recorded result)
             extra += ["--knn-save-neighbors", save]
         res = self.eval_lm(split, self.cfg["eval_context"], logname, *extra, data_bin=data_bin or self.eval_bin)
         res.update(k=int(k or self.args.k), lmbda=float(lmbda), knn_temp=float(temp), sim_func=sim,
-                   index=str(index), dstore=str(dstore))
+                   index=self.rel(index), dstore=self.rel(dstore))
+        if cache:
+            res.update(cache_size=int(cache[0]), cache_theta=float(cache[1]), cache_lmbda=float(cache[2]))
         return res
 
-    def sweep(self, nbrs, name, ks=KS, temps=TEMPS, lambdas=LAMBDAS, plots=False):
+    def sweep(self, nbrs, name, ks=KS, temps=TEMPS, lambdas=LAMBDAS, plots=False, cache=None):
         """fairseq-knnlm-sweep (in this process) -> its JSON report."""
         from fairseq_knnlm.cli import sweep as sweep_cli
         from fairseq_knnlm.neighbors import read_neighbors
@@ -241,6 +264,9 @@ class Pipeline:
         argv = [str(nbrs), "--k", ",".join(map(str, ks)), "--knn-temp", ",".join(map(str, temps)),
                 "--lmbda", lambdas, "--json", str(out_json), "--quiet"]
         argv += ["--plot-prefix", str(self.sweeps / name)] if plots else ["--no-plots"]
+        if cache:  # grids of cache sizes, θ and λc, swept jointly with λ
+            argv += ["--knn-cache-size", _grid(cache[0]), "--knn-cache-theta", _grid(cache[1]),
+                     "--knn-cache-lmbda", _grid(cache[2])]
         line = "fairseq-knnlm-sweep " + " ".join(_quote(a) for a in argv)
         log(f"$ {line}")
         started = time.time()
@@ -248,12 +274,15 @@ class Pipeline:
             f.write(f"$ {line}\n")
             sweep_cli.run(sweep_cli.build_parser().parse_args(argv), out=f)
         log(f"  done in {time.time() - started:.1f}s")
-        self.results.setdefault("commands", {})[f"sweep-{name}"] = line
-        return json.loads(out_json.read_text())
+        self.results.setdefault("commands", {})[f"sweep-{name}"] = self.portable(["fairseq-knnlm-sweep", *argv])
+        rep = json.loads(out_json.read_text())
+        rep["file"] = self.rel(rep["file"])
+        return rep
 
     # -------------------------------------------------------------- stages
     def raw_paths(self):
-        return {s: self.work / "raw" / f"{s}.txt" for s in SPLITS} if self.args.tiny else self.results["data"]["files"]
+        return {s: self.work / "raw" / f"{s}.txt" for s in SPLITS} if self.args.tiny else \
+            {s: self.at(p) for s, p in self.results["data"]["files"].items()}
 
     def do_data(self):
         src = find_wikitext2(self.args.data, self.work)
@@ -264,15 +293,16 @@ class Pipeline:
                 text = Path(files[split]).read_bytes()[:nbytes]
                 (self.work / "raw" / f"{split}.txt").write_bytes(text[: text.rfind(b"\n") + 1])
             files = {s: str(self.work / "raw" / f"{s}.txt") for s in SPLITS}
-        self.results["data"] = dict(source=str(Path(src["train"]).parent), files=files,
+        self.results["data"] = dict(source=self.rel(Path(src["train"]).parent),
+                                    files={s: self.rel(p) for s, p in files.items()},
                                     tokens={s: count_tokens(files[s]) for s in SPLITS})
 
     def data_done(self):
         d = self.results.get("data")
-        return bool(d) and all(Path(p).exists() for p in d["files"].values())
+        return bool(d) and all(self.at(p).exists() for p in d["files"].values())
 
     def do_preprocess(self):
-        files = self.results["data"]["files"]
+        files = {s: self.at(p) for s, p in self.results["data"]["files"].items()}
         if self.data_bin.exists():
             shutil.rmtree(self.data_bin)
         self.run(["fairseq-preprocess", "--only-source", "--trainpref", files["train"],
@@ -312,7 +342,7 @@ class Pipeline:
             proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"training failed, see {log_path}")
-        self.results.setdefault("commands", {})["train"] = line
+        self.results.setdefault("commands", {})["train"] = self.portable(cmd)
 
     def do_baseline(self):
         base = {}
@@ -430,7 +460,8 @@ class Pipeline:
         bin_dir = self.work / "data-bin-subset"
         if not (bin_dir / "valid.bin").exists():
             head.parent.mkdir(exist_ok=True)
-            sub["tokens_raw"] = write_head(self.results["data"]["files"]["valid"], head, self.cfg["subset_tokens"])
+            sub["tokens_raw"] = write_head(self.at(self.results["data"]["files"]["valid"]), head,
+                                           self.cfg["subset_tokens"])
             if bin_dir.exists():
                 shutil.rmtree(bin_dir)
             self.run(["fairseq-preprocess", "--only-source", "--srcdict", self.data_bin / "dict.txt",
@@ -452,6 +483,50 @@ class Pipeline:
                                 f"subset-{name}", data_bin=bin_dir)
             sub[name] = dict(run=run, sweep=compact_sweep(self.sweep(nb, f"subset-{name}")))
             self.save()
+
+    def do_cache(self):
+        """The continuous cache with and without the kNN-LM (faiss distances, k and T as chosen on valid):
+        save valid's neighbours with every token's key, sweep cache size, θ, λc and λ on them,
+        run test at the setting chosen on valid and read off the four models on test from its sweep."""
+        c = self.results.setdefault("cache", {})
+        knn = self.results["chosen"]["faiss"]
+        k, temp = knn["k"], knn["knn_temp"]
+        grid = (CACHE_SIZES, CACHE_THETAS, CACHE_LAMBDAS)
+        if "valid_run" not in c:
+            c["valid_run"] = self.knn_eval("valid", self.dstore, self.ivfpq, "faiss", knn["lmbda"], temp,
+                                           self.nbrs / "valid-faiss-cache", "cache-valid", k=k,
+                                           cache=(max(CACHE_SIZES), CACHE_SAVE_THETA, CACHE_SAVE_LMBDA))
+            self.save()
+        if "chosen" not in c:
+            rep = self.sweep(self.nbrs / "valid-faiss-cache", "valid-faiss-cache", ks=[k], temps=[temp], cache=grid)
+            c["grid"] = dict(sizes=list(CACHE_SIZES), thetas=list(CACHE_THETAS), cache_lambdas=CACHE_LAMBDAS,
+                             lambdas=LAMBDAS, k=k, knn_temp=temp)
+            c["chosen"] = rep["cache"]["rows"]  # base, cache, knn, both: each at its best setting on valid
+            c["per_size"] = rep["cache"]["per_size"]
+            self.save()
+        rows = c["chosen"]
+        with_cache = [r for r in rows.values() if r["cache_lmbda"]] or \
+            [dict(cache_size=max(CACHE_SIZES), cache_theta=CACHE_SAVE_THETA)]  # keys are saved all the same
+        if "test_run" not in c:
+            both = rows["both"]
+            setting = (both["cache_size"] or with_cache[0]["cache_size"],
+                       both["cache_theta"] or with_cache[0]["cache_theta"], both["cache_lmbda"])
+            c["test_run"] = self.knn_eval("test", self.dstore, self.ivfpq, "faiss", both["lmbda"], temp,
+                                          self.nbrs / "test-faiss-cache", "cache-test", k=k, cache=setting)
+            self.save()
+        if "table" not in c:
+            test_grid = (sorted({r["cache_size"] for r in with_cache}), sorted({r["cache_theta"] for r in with_cache}),
+                         sorted({r["cache_lmbda"] for r in rows.values()}))
+            lambdas = _grid(sorted({r["lmbda"] for r in rows.values()}))
+            rep = self.sweep(self.nbrs / "test-faiss-cache", "test-faiss-cache", ks=[k], temps=[temp],
+                             lambdas=lambdas, cache=test_grid)["cache"]
+            c["table"] = {name: dict(setting={key: r[key] for key in ("lmbda", "cache_size", "cache_theta",
+                                                                        "cache_lmbda")},
+                                     valid=r["ppl"], test=cache_cell(rep, r)) for name, r in rows.items()}
+            c["test_sweep_base"] = rep["base"]
+
+    def cache_done(self):
+        return "table" in self.results.get("cache", {})
 
     def do_whole_test(self):
         """With --eval-tokens: the whole test split at the faiss setting chosen on valid."""
@@ -480,16 +555,18 @@ class Pipeline:
             if sim == "faiss":
                 self.stage("dstore-size", self.dstore_size_done, self.do_dstore_size)
                 self.stage("subset", self.subset_done, self.do_subset)
+                self.stage("cache", self.cache_done, self.do_cache)
         if self.cfg.get("eval_tokens") and a.whole_test:
             self.stage("whole-test", lambda: "whole_test" in self.results, self.do_whole_test)
         report_dir = Path(a.report_dir).resolve() if a.report_dir else self.work / "report"
-        from report import write_report  # examples/wikitext2/report.py
+        from report import headline, write_report  # examples/wikitext2/report.py
 
         started = time.time()
         paths = write_report(self.results, self.work, report_dir)
         self.results["stages"]["report"] = dict(seconds=round(time.time() - started, 1))
         self.save()
         log(f"report: {', '.join(str(p) for p in paths)}")
+        print("\n" + headline(self.results, self.results_path, paths), flush=True)
 
 
 # ------------------------------------------------------------------ helpers
@@ -605,6 +682,26 @@ def compact_sweep(rep):
     return dict(file=rep["file"], tokens=rep["tokens"], ks=rep["ks"], temps=rep["knn_temps"],
                 lambdas=rep["lambdas"], ppl=rep["perplexity"], skipped=rep["skipped"],
                 base=rep["base"], best=rep["best"], seconds=rep.get("seconds"))
+
+
+def _grid(values):
+    """A sweep grid argument: a range string as it is, values comma-joined."""
+    return values if isinstance(values, str) else ",".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                                           for v in values)
+
+
+def cache_cell(rep, setting):
+    """Perplexity of a setting (λ, cache size, θ, λc) in a sweep's cache report."""
+    import numpy as np
+
+    def at(values, x):
+        return min(range(len(values)), key=lambda i: abs(values[i] - x))
+
+    clam = setting["cache_lmbda"]
+    si = rep["sizes"].index(setting["cache_size"]) if clam else 0
+    ti = at(rep["thetas"], setting["cache_theta"]) if clam else 0
+    return float(np.array(rep["perplexity"])[si, ti, at(rep["lambdas"], setting["lmbda"]),
+                                               at(rep["cache_lambdas"], clam)])
 
 
 def choose(sw, k):

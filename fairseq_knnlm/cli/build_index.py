@@ -5,6 +5,12 @@
         [--output DSTORE_DIR/knn.index] [--eval-recall 2000]
 
 An interrupted build (Ctrl-C, crash) is resumed by rerunning the same command.
+
+Sharded build (stores too large for one job; sharded_index.py):
+
+    fairseq-knnlm-build-index --dstore DSTORE --train-only --output IDX/trained.index
+    fairseq-knnlm-build-index --dstore DSTORE --trained IDX/trained.index --shard-id I --num-shards N
+    fairseq-knnlm-build-index --merge IDX        # -> IDX/knn.index + IDX/knn.ivfdata (lists on disk)
 """
 
 import argparse
@@ -16,6 +22,33 @@ from ..index import DEFAULT_NLIST, DEFAULT_PQ_BYTES, INDEX_FILE, PROG, build_ind
 from .common import count_at_least
 
 
+SUMMARY_FIELDS = ("kind", "factory", "metric", "ntotal", "train_size", "train_seconds", "add_seconds",
+                  "shard_id", "num_shards", "first_id", "merge_seconds", "ondisk")
+
+
+def _sharded(args) -> dict:
+    from .. import sharded_index
+
+    progress = not args.quiet
+    if args.merge:
+        return sharded_index.merge_shards(
+            args.merge, output=args.output, overwrite=args.overwrite, dstore=args.dstore,
+            eval_recall=args.eval_recall, nprobe=args.nprobe, seed=args.seed, progress=progress,
+        )
+    if args.train_only:
+        if not args.output:
+            raise UserError("--train-only needs --output IDX/trained.index (the directory of the pieces)")
+        return sharded_index.train_only(
+            args.dstore, args.output, factory=args.index_factory, train_size=args.train_size,
+            metric=args.metric, gpu=args.gpu, seed=args.seed, overwrite=args.overwrite, progress=progress,
+        )
+    return sharded_index.add_shard(
+        args.dstore, args.trained, args.shard_id, args.num_shards, output=args.output,
+        add_batch=args.add_batch, gpu=args.gpu, overwrite=args.overwrite,
+        checkpoint_every=args.checkpoint_every, progress=progress,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -25,8 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
         "FAISS's polysemous training, as the paper's IndexIVFPQ does (same search results, much "
         "faster training).",
     )
-    p.add_argument("--dstore", required=True, metavar="DIR", help="datastore directory (single or sharded)")
-    p.add_argument("--output", metavar="FILE", help=f"index file (default: DSTORE/{INDEX_FILE})")
+    p.add_argument("--dstore", metavar="DIR", help="datastore directory (single or sharded; required "
+                   "except with --merge)")
+    p.add_argument("--output", metavar="FILE", help=f"index file (default: DSTORE/{INDEX_FILE}; with "
+                   f"--shard-id: shard-XXX-of-YYY.index beside --trained; with --merge: IDX/{INDEX_FILE})")
+    sharded = p.add_argument_group(
+        "sharded build", "train once, add each datastore shard in its own job, then merge the pieces "
+        "into one index with on-disk inverted lists or search them in place (--knn-index IDX, "
+        "--knn-distributed-index)")
+    mode = sharded.add_mutually_exclusive_group()
+    mode.add_argument("--train-only", action="store_true",
+                      help="only train the empty IVF index on a sample of the whole store; write it to --output")
+    mode.add_argument("--trained", metavar="FILE",
+                      help="add the keys of datastore shard --shard-id of --num-shards to a copy of this "
+                      "trained index (ids: datastore positions); resumable")
+    mode.add_argument("--merge", metavar="IDX",
+                      help="merge all index shards in directory IDX into one index whose inverted lists "
+                      "stay on disk (OUTPUT without .index + .ivfdata, memory-mapped at search time)")
+    sharded.add_argument("--shard-id", type=count_at_least(0), metavar="I",
+                         help="with --trained: which shard (0-based)")
+    sharded.add_argument("--num-shards", type=count_at_least(1), metavar="N",
+                         help="with --trained: number of shards; a datastore written by N pass shards is "
+                         "split along them, any other into N equal runs")
     p.add_argument(
         "--index-factory", metavar="STRING",
         help=f"any faiss.index_factory string, e.g. Flat (exact), IVF{DEFAULT_NLIST},PQ{DEFAULT_PQ_BYTES}, "
@@ -61,19 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.shard_id is None) != (args.num_shards is None) or (args.shard_id is not None and not args.trained):
+        parser.error("--shard-id and --num-shards go together, with --trained")
+    if args.trained and args.shard_id is None:
+        parser.error("--trained needs --shard-id and --num-shards")
+    if not args.merge and not args.dstore:
+        parser.error("--dstore is required (except with --merge)")
+    if args.merge and args.eval_recall and not args.dstore:
+        parser.error("--merge with --eval-recall needs --dstore")
     try:
-        meta = build_index(
-            args.dstore, output=args.output, factory=args.index_factory,
-            train_size=args.train_size, add_batch=args.add_batch, metric=args.metric,
-            gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.nprobe,
-            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-            progress=not args.quiet,
-        )
+        if args.train_only or args.trained or args.merge:
+            meta = _sharded(args)
+        else:
+            meta = build_index(
+                args.dstore, output=args.output, factory=args.index_factory,
+                train_size=args.train_size, add_batch=args.add_batch, metric=args.metric,
+                gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.nprobe,
+                overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
+                progress=not args.quiet,
+            )
     except UserError as e:
         parser.exit(2, f"{PROG}: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{PROG}: interrupted; rerun the same command to continue (added keys are kept)\n")
-    summary = {k: meta[k] for k in ("factory", "metric", "ntotal", "train_size", "train_seconds", "add_seconds")}
+    summary = {k: meta[k] for k in SUMMARY_FIELDS if k in meta}
     if "recall" in meta:
         summary["recall"] = meta["recall"]
     print(json.dumps(summary, sort_keys=True))

@@ -23,6 +23,7 @@ from .sweep_plots import save_plots, save_retrieval_plot
 from .sweep_report import (
     print_adaptive,
     print_best,
+    print_cache,
     print_frequency,
     print_retrieval,
     print_table,
@@ -80,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-predictor", metavar="PATH",
                    help="write the fitted predictor (weights, thresholds per fraction, model and datastore "
                    "identity) for fairseq-eval-lm --knn-retrieval-predictor PATH --knn-retrieval-fraction F")
+    c = p.add_argument_group(
+        "continuous cache (Grave et al., 2017) with the kNN-LM: p = (1 - λc) p_kNN-LM + λc p_cache; needs "
+        "neighbours saved by a run with --knn-cache-size, which then carry every token's key")
+    c.add_argument("--knn-cache-size", default=None, metavar="GRID",
+                   help="cache sizes N (tokens before each token), e.g. 100,500,2000 (default: the saving run's)")
+    c.add_argument("--knn-cache-theta", default=None, metavar="GRID",
+                   help="cache flatness θ, e.g. 0.01,0.03,0.1,0.3 (default: the saving run's)")
+    c.add_argument("--knn-cache-lmbda", default=None, metavar="GRID",
+                   help="cache weights λc (default with the other two: 0:0.5:0.05); λ and λc = 0 are always "
+                   "included. Swept jointly with --lmbda at the best k and T of the kNN grid")
     x = p.add_argument_group("computation")
     x.add_argument("--exact-math", action="store_true",
                    help="compute p_kNN with the scorer's own function per setting (slower; same values to float32 rounding)")
@@ -142,6 +153,18 @@ def adaptive_retrieval(args, inputs, table, res, out):
     return rep, report
 
 
+def continuous_cache(args, inputs, table, res, lm, out) -> dict:
+    """The cache from the saved keys, swept jointly with λ at the best (k, T) of the kNN grid."""
+    sizes, thetas, cache_lambdas = inputs.cache
+    ki, ti, _ = res.best()
+    nb = inputs.nb
+    tick = time.time()
+    cache = sw.cache_table(nb, sizes, thetas, chunk_rows=None, threads=args.threads, progress=not args.quiet)
+    result = sw.cache_sweep(lm, table.knn_log_probs[ki, ti], inputs.lambdas, cache, cache_lambdas, nb.segments,
+                            k=inputs.ks[ki], knn_temp=inputs.temps[ti])
+    return print_cache(result, out, seconds=time.time() - tick)
+
+
 def plots(args, inputs, res, best, retrieval) -> list:
     try:
         paths = save_plots(res, best, inputs.prefix)
@@ -189,6 +212,8 @@ def run(args, out=None) -> dict:
     retrieval = None
     if inputs.fractions is not None:
         retrieval, report["adaptive_retrieval"] = adaptive_retrieval(args, inputs, table, res, out)
+    if inputs.cache is not None:
+        report["cache"] = continuous_cache(args, inputs, table, res, lm, out)
     if not args.no_plots:
         report["plots"] = plots(args, inputs, res, best, retrieval)
         print(f"\nplots: {', '.join(report['plots'])}", file=out)

@@ -94,6 +94,7 @@ class Inputs:
     freq: tuple = None               # (counts per token id, description)
     freq_edges: list = None
     prefix: str = ""
+    cache: tuple = None              # (sizes, thetas, cache lambdas) of --knn-cache-*
 
 
 def load_inputs(args, out) -> Inputs:
@@ -122,6 +123,7 @@ def load_inputs(args, out) -> Inputs:
     if args.adaptive_fit:
         inputs.fit = read_fit_file(args.adaptive_fit, "--adaptive-fit", nb, ks, temps, lambdas)
     inputs.fractions, inputs.retrieval_fit = load_retrieval_inputs(args, nb, ks, temps, lambdas)
+    inputs.cache = load_cache_inputs(args, nb)
     inputs.dictionary = load_dictionary(args.dict, meta) if args.dict else None
     inputs.freq_edges = sw.parse_grid(args.freq_edges, "--freq-edges", cast=int) if args.freq_edges else None
     if inputs.freq_edges is not None and (inputs.freq_edges != sorted(inputs.freq_edges) or inputs.freq_edges[0] != 0):
@@ -161,3 +163,21 @@ def load_retrieval_inputs(args, nb, ks, temps, lambdas):
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
             raise sw.SweepError(f"cannot write --save-predictor {args.save_predictor}; pass a writable path")
     return fractions, fit
+
+
+def load_cache_inputs(args, nb):
+    """(sizes, thetas, cache lambdas) of --knn-cache-*, or None when none is given."""
+    given = (args.knn_cache_size, args.knn_cache_theta, args.knn_cache_lmbda)
+    if all(g is None for g in given):
+        return None
+    sw.check_cache_inputs(nb, [], [], [])  # keys saved, one stream
+    meta = nb.meta
+    size = args.knn_cache_size if args.knn_cache_size is not None else str(meta.get("cache_size") or "")
+    theta = args.knn_cache_theta if args.knn_cache_theta is not None else str(meta.get("cache_theta", ""))
+    if not size or size == "0" or not theta or theta == "None":
+        raise sw.SweepError(f"{nb.path} records no cache settings; pass --knn-cache-size and --knn-cache-theta")
+    sizes = sw.parse_grid(size, "--knn-cache-size", cast=int)
+    thetas = sw.parse_grid(theta, "--knn-cache-theta")
+    cache_lambdas = sw.parse_grid(args.knn_cache_lmbda or "0:0.5:0.05", "--knn-cache-lmbda")
+    sw.check_cache_inputs(nb, sizes, thetas, cache_lambdas)
+    return sizes, thetas, cache_lambdas

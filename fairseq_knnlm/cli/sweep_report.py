@@ -150,3 +150,32 @@ def print_retrieval(rep: sw.RetrievalReport, out) -> dict:
     print("  (random: as many tokens chosen at random; oracle: the tokens retrieval helps most, "
           "which needs the target; neither is available at test time)", file=out)
     return report
+
+
+def print_cache(res: sw.CacheSweep, out, seconds: float = 0.0) -> dict:
+    """Base LM, + cache, + kNN and + kNN + cache, each at its best setting of the grid."""
+    from ..sweep.cache import ROW_NAMES, flags
+
+    print(f"\ncontinuous cache at k = {res.k}, T = {res.knn_temp:g}: p = (1 - λc) · p_kNN-LM + λc · p_cache "
+          f"(sizes {', '.join(map(str, res.sizes))}; θ {', '.join(f'{t:g}' for t in res.thetas)}; "
+          f"{len(res.lambdas)} λ x {len(res.cache_lambdas)} λc)", file=out)
+    rows = res.rows()
+    base = rows["base"]["ppl"]
+    print(f"  {'model':<14s} {'perplexity':>11s} {'change':>8s}  flags", file=out)
+    for name, row in rows.items():
+        change = f"{100.0 * (row['ppl'] / base - 1):+7.2f}%" if name != "base" else ""
+        skipped = f"  ({row['skipped']:,} tokens skipped)" if row["skipped"] else ""
+        print(f"  {ROW_NAMES[name]:<14s} {fmt_ppl(row['ppl']):>11s} {change:>8s}  {flags(row)}{skipped}", file=out)
+    print("  best per cache size (λ, θ, λc chosen on this file):", file=out)
+    per_size = []
+    for si, size in enumerate(res.sizes):
+        alone, both = res.setting(res.best(knn=False, size_index=si)), res.setting(res.best(size_index=si))
+        per_size.append(dict(size=size, cache=alone, both=both))
+        print(f"    --knn-cache-size {size:<7d} + cache {fmt_ppl(alone['ppl']):>11s} (θ {alone['cache_theta'] or 0:g}, "
+              f"λc {alone['cache_lmbda']:g})   + kNN + cache {fmt_ppl(both['ppl']):>11s} (λ {both['lmbda']:g}, "
+              f"θ {both['cache_theta'] or 0:g}, λc {both['cache_lmbda']:g})", file=out)
+    if seconds:
+        print(f"  (cache probabilities and {res.ppl.size:,} settings in {seconds:.1f}s)", file=out)
+    return dict(k=res.k, knn_temp=res.knn_temp, sizes=res.sizes, thetas=res.thetas, lambdas=res.lambdas,
+                cache_lambdas=res.cache_lambdas, perplexity=res.ppl.tolist(), loss=res.loss.tolist(),
+                skipped=res.skipped.tolist(), base=vars(res.base), rows=rows, per_size=per_size)

@@ -10,7 +10,8 @@ One module per concept: :mod:`.grid` (grid values), :mod:`.knn_table`
 (p_kNN per (k, T) and the retrieval's confidence signals), :mod:`.perplexity`
 (eval-lm's arithmetic and the λ sweep), :mod:`.analysis` (frequency buckets,
 biggest changes), :mod:`.adaptive_lambda` (λ per signal bucket) and
-:mod:`.adaptive_retrieval` (perplexity against the fraction of tokens searched).
+:mod:`.adaptive_retrieval` (perplexity against the fraction of tokens searched)
+and :mod:`.cache` (the continuous cache from the saved keys, with the kNN-LM).
 Everything is re-exported here.
 """
 
@@ -30,6 +31,7 @@ from .analysis import (
     token_counts,
     type_changes,
 )
+from .cache import CacheSweep, CacheTable, cache_sweep, cache_table, check_cache_inputs
 from .grid import SweepError, check_grid, parse_grid
 from .knn_table import (
     SIGNAL_HELP,

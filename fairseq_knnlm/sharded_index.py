@@ -1,0 +1,418 @@
+"""Indexes built in pieces, for stores too large for one process to build or hold.
+
+FAISS's recipe for stores beyond one machine's RAM: train one empty IVF index
+once, add each part of the store to a copy of it in independent jobs, then
+either merge the inverted lists into one index whose lists stay on disk
+(memory-mapped at search time) or search the pieces where they are.  In an
+index directory ``IDX/``:
+
+- ``trained.index``: the empty trained index (``--train-only``);
+- ``shard-003-of-008.index``: datastore rows [first_id, first_id + ntotal) of
+  shard 3 of 8 added to a copy of it (``--trained ... --shard-id 3
+  --num-shards 8``), with their datastore positions as ids, so the pieces'
+  ids never collide and a neighbour id indexes ``Datastore.vals`` as in a
+  whole index;
+- ``knn.index`` + ``knn.ivfdata``: the merge (``--merge IDX``), an ordinary
+  index of the whole store for ``--knnlm`` whose inverted lists are the
+  ``.ivfdata`` file.
+
+Every piece has a ``.meta.json`` sidecar written last, as a whole index has;
+the sidecars carry the trained index's ``trained_id`` and the datastore's
+fingerprint, so pieces of different trainings or stores are refused together.
+Adding a shard checkpoints and resumes like a whole build; the merge restarts.
+"""
+
+import glob
+import os
+import re
+import time
+import uuid
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from .datastore import Datastore, write_json_atomic
+from .errors import UserError
+from .index import (
+    FORMAT_VERSION, INDEX_FILE, MIN_POINTS_PER_CENTROID, PROG, IndexBuildError, IndexMismatchError,
+    KeyReader, _add_keys, _call_with_clock, _check_gpu, _faiss_message, _finish, _ivf, _log,
+    _open_datastore, _positive, _remove, _resume, _train, _write_index_atomic, default_factory,
+    evaluate_recall, format_recall, make_index, meta_path, partial_paths, read_flags, set_nprobe,
+)
+from .search_params import apply_faiss_params
+
+TRAINED_FILE = "trained.index"
+IVFDATA_SUFFIX = ".ivfdata"
+SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)\.index$")
+
+
+def shard_index_name(shard_id: int, num_shards: int) -> str:
+    return f"shard-{shard_id:03d}-of-{num_shards:03d}.index"
+
+
+def shard_span(datastore: Datastore, shard_id: int, num_shards: int) -> Tuple[int, int]:
+    """Datastore rows [first, end) of index shard ``shard_id`` of ``num_shards``.
+
+    A datastore written by ``num_shards`` pass shards is split along its own
+    shards (each job reads one shard's files); any other store is cut into
+    ``num_shards`` contiguous, nearly equal runs.
+    """
+    if not 0 <= shard_id < num_shards:
+        raise IndexBuildError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
+    sizes = [s.size for s in datastore.shards]
+    if len(sizes) == num_shards:
+        offsets = np.cumsum([0] + sizes)
+        return int(offsets[shard_id]), int(offsets[shard_id + 1])
+    n = datastore.size
+    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+
+def _read_sidecar(index_path: str, kind: str, redo: str) -> Dict:
+    import json
+
+    sidecar = meta_path(index_path)
+    if not os.path.isfile(index_path) or not os.path.isfile(sidecar):
+        raise IndexBuildError(f"{index_path} is missing or incomplete (no {os.path.basename(sidecar)}); {redo}")
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise IndexBuildError(f"cannot read {sidecar} ({e}); {redo}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind", "a whole index") if isinstance(meta, dict) else "not an object"
+        raise IndexBuildError(f"{index_path} is not a {kind} index ({found}); {redo}")
+    missing = [f for f in ("trained_id", "datastore_fingerprint", "dim", "metric", "factory") if f not in meta]
+    if missing:
+        raise IndexBuildError(f"{sidecar} lacks {', '.join(missing)}; {redo}")
+    if os.path.getsize(index_path) != meta.get("index_bytes"):
+        raise IndexBuildError(f"{index_path} changed size since it was written (truncated or replaced); {redo}")
+    return meta
+
+
+def _read_faiss(path: str, flags: int = 0) -> faiss.Index:
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        raise IndexBuildError(f"FAISS cannot read {path} ({_faiss_message(e)}); rebuild it") from None
+
+
+# ---------------------------------------------------------------- train
+
+
+def train_only(dstore, output: str, factory: Optional[str] = None, train_size: int = 1_000_000,
+               metric: str = "l2", gpu: bool = False, seed: int = 1, overwrite: bool = False,
+               progress: bool = True, log: Callable[[str], None] = _log) -> Dict:
+    """Train the empty IVF index of a sharded build on a sample of the whole store."""
+    ds = _open_datastore(dstore)
+    output = os.path.abspath(str(output))
+    _check_piece_output(output, overwrite)
+    if gpu:
+        _check_gpu()
+    n_train = min(_positive("--train-size", train_size), ds.size)
+    if factory is None:
+        factory, note = default_factory(n_train, ds.dim)
+        if note:
+            log(note)
+    index = make_index(ds.dim, factory, metric)
+    ivf = _ivf(index)
+    if ivf is None:
+        raise IndexBuildError(
+            f"a sharded build needs an IVF index (e.g. IVF4096,PQ64), not {factory}; "
+            f"build {factory} whole with {PROG} --dstore {ds.path}"
+        )
+    if n_train < ivf.nlist:
+        raise IndexBuildError(
+            f"{factory} has {ivf.nlist} centroids but only {n_train} training keys are available "
+            f"(FAISS wants {MIN_POINTS_PER_CENTROID} per centroid); use fewer centroids"
+        )
+    log(f"training {factory} ({metric}) on {n_train} of {ds.size} keys from {ds.path} -> {output}")
+    t0 = time.monotonic()
+    _train(index, KeyReader(ds.keys), factory, n_train, seed, gpu, progress)
+    meta = dict(
+        kind="trained", format_version=FORMAT_VERSION, trained_id=uuid.uuid4().hex,
+        factory=factory, metric=metric, dim=ds.dim, datastore_fingerprint=ds.fingerprint,
+        datastore_size=ds.size, datastore_path=ds.path, keys_dtype=str(ds.keys.dtype),
+        train_size=n_train, seed=int(seed), train_seconds=round(time.monotonic() - t0, 3),
+        gpu=bool(gpu), faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    _write_piece(index, meta, output)
+    log(f"wrote {output}; add the shards with {PROG} --dstore {ds.path} --trained {output} "
+        "--shard-id I --num-shards N")
+    return meta
+
+
+def _check_piece_output(output: str, overwrite: bool) -> None:
+    if os.path.isdir(output):
+        raise IndexBuildError(f"--output {output} is a directory; give a file path")
+    if os.path.isfile(output) and os.path.exists(meta_path(output)) and not overwrite:
+        raise IndexBuildError(f"{output} is already complete; pass --overwrite to rebuild it or choose another --output")
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise IndexBuildError(f"directory {parent} of --output does not exist; create it first")
+
+
+def _write_piece(index: faiss.Index, meta: Dict, output: str) -> None:
+    """Index file atomically, then its sidecar (last: it marks completion)."""
+    _remove(meta_path(output))  # an old sidecar must never vouch for the new file
+    _write_index_atomic(index, output)
+    meta["index_bytes"] = os.path.getsize(output)
+    write_json_atomic(meta_path(output), meta)
+
+
+# ---------------------------------------------------------------- add
+
+
+def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Optional[str] = None,
+              add_batch: int = 500_000, gpu: bool = False, overwrite: bool = False,
+              checkpoint_every: float = 600.0, progress: bool = True,
+              log: Callable[[str], None] = _log,
+              on_chunk: Optional[Callable[[int], None]] = None) -> Dict:
+    """Add datastore shard ``shard_id`` of ``num_shards`` to a copy of the trained index.
+
+    Writes ``shard-XXX-of-YYY.index`` next to the trained index (or ``output``).
+    Checkpoints and resumes as a whole build does (``<output>.partial``).
+    """
+    ds = _open_datastore(dstore)
+    _positive("--num-shards", num_shards)
+    _positive("--add-batch", add_batch)
+    trained = os.path.abspath(str(trained))
+    redo = f"train it again with {PROG} --dstore {ds.path} --train-only --output {trained}"
+    tmeta = _read_sidecar(trained, "trained", redo)
+    if tmeta["datastore_fingerprint"] != ds.fingerprint:
+        raise IndexMismatchError(
+            f"{trained} was trained for another datastore ({tmeta.get('datastore_path')}); {redo}"
+        )
+    first, end = shard_span(ds, int(shard_id), int(num_shards))
+    output = os.path.abspath(str(output or os.path.join(os.path.dirname(trained),
+                                                        shard_index_name(shard_id, num_shards))))
+    _check_piece_output(output, overwrite)
+    if gpu:
+        _check_gpu()
+    plan = dict(
+        format_version=FORMAT_VERSION, kind="shard", trained_id=tmeta["trained_id"],
+        factory=tmeta["factory"], metric=tmeta["metric"], dim=ds.dim,
+        datastore_fingerprint=ds.fingerprint, datastore_size=end - first,
+        shard_id=int(shard_id), num_shards=int(num_shards), first_id=first,
+    )
+    log(f"index shard {shard_id} of {num_shards}: datastore rows [{first}, {end}) of {ds.path} -> {output}")
+    part_index, part_state = partial_paths(output)
+    resumed = _resume(output, plan, log)
+    if resumed:
+        index, state = resumed
+        state["resumed"] = state.get("resumed", 0) + 1
+    else:
+        index = _read_faiss(trained)
+        if index.ntotal:
+            raise IndexBuildError(f"{trained} already holds keys; {redo}")
+        state = dict(plan, add_seconds=0.0, resumed=0)
+    add_started, add_before = time.monotonic(), state["add_seconds"]
+
+    def checkpoint():
+        state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
+        _write_index_atomic(index, part_index)
+        write_json_atomic(part_state, state)
+
+    _add_keys(index, KeyReader(ds.keys), add_batch, gpu, progress, checkpoint, checkpoint_every,
+              on_chunk, span=(first, end))
+    meta = dict(
+        plan, ntotal=int(index.ntotal), datastore_size=ds.size, datastore_path=ds.path,
+        trained_path=os.path.basename(trained), add_batch=int(add_batch),
+        add_seconds=round(add_before + time.monotonic() - add_started, 3), resumed=state["resumed"],
+        gpu=bool(gpu), faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    _write_piece(index, meta, output)
+    _remove(part_index, part_state)
+    log(f"wrote {output} ({index.ntotal} keys)")
+    return meta
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def find_shards(index_dir: str) -> Tuple[List[str], List[Dict]]:
+    """(paths, sidecars) of the complete index shards in ``index_dir``, in order,
+    checked to be all shards of one trained index over one datastore, covering
+    it once."""
+    index_dir = os.path.abspath(str(index_dir))
+    if not os.path.isdir(index_dir):
+        raise IndexBuildError(f"no index directory at {index_dir}")
+    names = sorted(n for n in os.listdir(index_dir) if SHARD_RE.match(n))
+    redo = f"add it with {PROG} --dstore DSTORE --trained {os.path.join(index_dir, TRAINED_FILE)} --shard-id I --num-shards N"
+    if not names:
+        raise IndexBuildError(f"{index_dir} holds no index shards (shard-XXX-of-YYY.index); {redo}")
+    paths = [os.path.join(index_dir, n) for n in names]
+    metas = [_read_sidecar(p, "shard", redo) for p in paths]
+    first = metas[0]
+    num_shards = first.get("num_shards")
+    for path, meta in zip(paths, metas):
+        for field in ("trained_id", "datastore_fingerprint", "num_shards", "dim", "metric"):
+            if meta.get(field) != first.get(field):
+                raise IndexMismatchError(
+                    f"{path} and {paths[0]} disagree on {field}: they are pieces of different "
+                    f"builds; rebuild the odd one out from the same trained index ({redo})"
+                )
+    present = {m["shard_id"] for m in metas}
+    missing = sorted(set(range(num_shards)) - present)
+    if missing or len(metas) != num_shards:
+        raise IndexBuildError(
+            f"{index_dir} lacks index shard(s) {', '.join(map(str, missing))} of {num_shards}; {redo}"
+        )
+    metas.sort(key=lambda m: m["shard_id"])
+    paths = [os.path.join(index_dir, shard_index_name(m["shard_id"], num_shards)) for m in metas]
+    covered = 0
+    for path, meta in zip(paths, metas):
+        if meta["first_id"] != covered:
+            raise IndexMismatchError(f"{path} starts at datastore row {meta['first_id']}, expected {covered}; {redo}")
+        covered += meta["ntotal"]
+    if covered != first["datastore_size"]:
+        raise IndexMismatchError(f"the shards in {index_dir} cover {covered} of {first['datastore_size']} keys; {redo}")
+    return paths, metas
+
+
+def _check_shards_match(metas: Sequence[Dict], datastore: Datastore, index_dir: str) -> None:
+    if metas[0]["datastore_fingerprint"] != datastore.fingerprint or metas[0]["dim"] != datastore.dim:
+        raise IndexMismatchError(
+            f"the index shards in {index_dir} were built for another datastore "
+            f"({metas[0].get('datastore_path')}); rebuild them for {datastore.path}"
+        )
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge_shards(index_dir: str, output: Optional[str] = None, overwrite: bool = False,
+                 dstore=None, eval_recall: int = 0, nprobe: int = 32, seed: int = 1,
+                 progress: bool = True, log: Callable[[str], None] = _log) -> Dict:
+    """Merge all index shards of ``index_dir`` into one index with on-disk
+    inverted lists: ``output`` (default ``IDX/knn.index``) and ``output``
+    without ``.index`` + ``.ivfdata``.  Memory: the shards are memory-mapped;
+    the merged lists are written straight to the ``.ivfdata`` file.
+    """
+    index_dir = os.path.abspath(str(index_dir))
+    paths, metas = find_shards(index_dir)
+    first = metas[0]
+    trained = os.path.join(index_dir, TRAINED_FILE)
+    tmeta = _read_sidecar(trained, "trained", f"train it with {PROG} --train-only --output {trained}")
+    if tmeta["trained_id"] != first["trained_id"]:
+        raise IndexMismatchError(
+            f"the shards in {index_dir} were added to another trained index than {trained}; "
+            "add them again to this one, or restore the trained index they were made from"
+        )
+    output = os.path.abspath(str(output or os.path.join(index_dir, INDEX_FILE)))
+    _check_piece_output(output, overwrite)
+    ivfdata = os.path.splitext(output)[0] + IVFDATA_SUFFIX
+    index = _read_faiss(trained)
+    if isinstance(_ivf(index), faiss.IndexIVFFastScan):
+        raise IndexBuildError(
+            f"FAISS cannot keep the lists of a fast-scan index ({first['factory']}) on disk; "
+            f"search the shards in place (--knn-index {index_dir}) instead of merging"
+        )
+    _remove(meta_path(output), ivfdata + ".partial")
+    t0 = time.monotonic()
+    _call_with_clock(lambda: merge_ondisk(index, paths, ivfdata + ".partial"),
+                     f"merge {len(paths)} shards into {os.path.basename(ivfdata)}", progress)
+    os.replace(ivfdata + ".partial", ivfdata)  # the open map follows the renamed file
+    faiss.downcast_InvertedLists(_ivf(index).invlists).filename = ivfdata
+    set_nprobe(index, nprobe)
+    meta = dict(
+        {k: tmeta[k] for k in ("factory", "metric", "dim", "datastore_fingerprint", "datastore_size",
+                               "datastore_path", "keys_dtype", "train_size", "seed", "train_seconds")},
+        format_version=FORMAT_VERSION, ntotal=int(index.ntotal), nprobe=int(nprobe),
+        add_seconds=round(sum(m["add_seconds"] for m in metas), 3),
+        merged_from=dict(trained_id=first["trained_id"], num_shards=len(paths)),
+        merge_seconds=round(time.monotonic() - t0, 3), ondisk=os.path.basename(ivfdata),
+        ivfdata_bytes=os.path.getsize(ivfdata),
+        faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    if eval_recall:
+        ds = _open_datastore(dstore)
+        _check_shards_match(metas, ds, index_dir)
+        meta["recall"] = evaluate_recall(index, KeyReader(ds.keys), eval_recall, meta["metric"], seed, progress)
+        log(format_recall(meta["recall"]))
+    _finish(index, meta, output)
+    log(f"wrote {output} ({index.ntotal} keys; inverted lists in {os.path.basename(ivfdata)})")
+    return meta
+
+
+# ---------------------------------------------------------------- search
+
+
+def load_index_shards(index_dir: str, datastore, shard_ids: Optional[Sequence[int]] = None,
+                      nprobe: Optional[int] = None, faiss_params: Optional[str] = None,
+                      mmap: bool = False, gpu: bool = False) -> Tuple[faiss.Index, Dict]:
+    """(index, metadata) searching the index shards ``shard_ids`` (default: all)
+    of ``index_dir`` in place, as one index.
+
+    Shard ids are datastore positions, so the shards' results merge into those
+    of the single index over the whole store (same trained index: the same
+    lists are probed and the same codes scored).  Several shards are wrapped in
+    one ``faiss.IndexShards`` (``gpu``: one shard per visible GPU, in turn).
+    The metadata describes the whole store and gains ``path``, ``shard_ids``,
+    ``num_shards`` and ``local_ntotal`` (keys held here).
+    """
+    ds = _open_datastore(datastore)
+    paths, metas = find_shards(index_dir)
+    _check_shards_match(metas, ds, index_dir)
+    num_shards = len(paths)
+    shard_ids = list(range(num_shards)) if shard_ids is None else [int(s) for s in shard_ids]
+    parts = []
+    for s in shard_ids:
+        index = _read_faiss(paths[s], read_flags(mmap))
+        if index.ntotal != metas[s]["ntotal"]:
+            raise IndexBuildError(f"{paths[s]} holds {index.ntotal} keys, its sidecar says {metas[s]['ntotal']}; add it again")
+        set_nprobe(index, nprobe)
+        apply_faiss_params(index, faiss_params)
+        parts.append(index)
+    if gpu:
+        ngpu = _check_gpu()
+        parts = [_shard_to_gpu(p, i % ngpu) for i, p in enumerate(parts)]
+    if len(parts) == 1:
+        index = parts[0]
+    else:
+        # One piece after the other on CPUs, each with all of FAISS's OpenMP threads
+        # (IVF-PQ scores can differ in the last bit with the thread count, so this
+        # keeps --knn-faiss-threads in charge); GPU pieces are searched in parallel.
+        # successive_ids off: the pieces' ids are already datastore positions.
+        index = faiss.IndexShards(ds.dim, bool(gpu), False)
+        for p in parts:
+            index.add_shard(p)
+        index.referenced_objects = parts  # the wrapper does not own its shards
+    first = metas[0]
+    meta = dict(
+        {k: first[k] for k in ("factory", "metric", "dim", "datastore_fingerprint", "trained_id")},
+        ntotal=ds.size, datastore_size=ds.size, path=os.path.abspath(str(index_dir)),
+        num_shards=num_shards, shard_ids=shard_ids, local_ntotal=int(sum(p.ntotal for p in parts)),
+        nprobe=nprobe,
+    )
+    return index, meta
+
+
+def _shard_to_gpu(index: faiss.Index, device: int) -> faiss.Index:
+    resources = faiss.StandardGpuResources()
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = isinstance(_ivf(index), faiss.IndexIVFPQ)
+    try:
+        gpu_index = faiss.index_cpu_to_gpu(resources, device, index, co)
+    except RuntimeError as e:
+        raise IndexBuildError(f"FAISS cannot put this index on GPU {device} ({_faiss_message(e)}); use it on the CPU") from None
+    gpu_index.referenced_objects = [resources]  # the resources must outlive the index
+    return gpu_index
+
+
+def open_index(index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False,
+               faiss_params: Optional[str] = None, mmap: bool = False,
+               shard_ids: Optional[Sequence[int]] = None) -> Tuple[faiss.Index, Dict]:
+    """The index ``--knn-index`` names: a whole or merged index file, or a
+    directory of index shards (all of them, or ``shard_ids``)."""
+    from .index import load_index
+
+    if os.path.isdir(str(index_path)):
+        return load_index_shards(index_path, datastore, shard_ids, nprobe, faiss_params, mmap, gpu)
+    if shard_ids is not None:
+        raise UserError(
+            f"--knn-distributed-index needs --knn-index to be a directory of index shards, "
+            f"not the single file {index_path}"
+        )
+    return load_index(index_path, datastore, nprobe=nprobe, gpu=gpu, faiss_params=faiss_params, mmap=mmap)
