@@ -67,7 +67,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     n = [r["size"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, memory) = plt.subplots(1, 3, figsize=(15, 4))
     for stage, label in (("train", "train (64 x nlist keys)"), ("add", "add (2 pieces)"), ("merge", "merge on disk")):
         secs = [r["add0"]["seconds"] + r["add1"]["seconds"] if stage == "add" else r[stage]["seconds"] for r in rows]
         left.plot(n, secs, "o-", label=label)
@@ -80,6 +80,12 @@ def plot(rows, path):
     right.set(xscale="log", yscale="log", xlabel="keys in the store", ylabel="queries/s (k 1024, nprobe 32)",
               title="search")
     right.legend()
+    for mode, label in (("ram", "in RAM"), ("ondisk", "merged, lists on disk"), ("distributed", "distributed (per rank)")):
+        if all(mode in r["search"] for r in rows):
+            memory.plot(n, [r["search"][mode]["anon_mib"] for r in rows], "o-", label=label)
+    memory.set(xscale="log", xlabel="keys in the store", ylabel="resident anonymous MiB after the search",
+               title="search process memory")
+    memory.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -89,7 +95,8 @@ def markdown(results, rows, model, est) -> str:
     lines = [
         f"Synthetic clustered float16 keys of dim {r0['dim']}, written as 2 pass shards; "
         f"`IVF<nlist>,PQ{r0['factory'].rsplit('PQ', 1)[1]}` with nlist = sqrt(N) (a power of two), trained on "
-        f"64 x nlist keys; {r0['queries']} held-out queries, k 1024, nprobe 32, batches of 1024. "
+        f"64 x nlist keys; " + ", ".join(f"{r['queries']:,}" for r in rows) + " held-out queries for the "
+        "sizes in order, k 1024, nprobe 32, batches of 1024. "
         f"Machine: {results.get('machine', '?')}.",
         "",
         "Build, each stage a process of its own (wall seconds incl. start-up / peak RSS MiB):",
@@ -137,10 +144,14 @@ def markdown(results, rows, model, est) -> str:
     for e in est:
         lines.append(
             f"| {e['name']}: {e['size']:,} x {e['dim']}, IVF{e['nlist']},PQ64 | {e['keys_gib']:,.0f} GiB | "
-            f"{e['index_gib']:,.1f} GiB | {e['add_core_hours']:,.0f} | {e['merge_hours'] * 60:,.0f} min | "
+            f"{e['index_gib']:,.1f} GiB | {e['add_core_hours']:,.0f} | {_duration(e['merge_hours'] * 3600)} | "
             f"{e['ms_per_query']:,.0f} ms per query ({e['scanned'] / 1e6:.1f}M codes scanned) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.0f} min"
 
 
 def write_report(results: dict, out_dir) -> None:
