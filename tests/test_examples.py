@@ -86,10 +86,14 @@ def test_wikitext2_report_tables_and_plots(wt2):
     md = (report / "results.md").read_text()
     for title in ("base LM vs kNN-LM", "Continuous cache", "Perplexity vs k", "Perplexity vs λ",
                   "Perplexity vs temperature", "Perplexity vs datastore size", "Exact vs approximate",
-                  "Wall time of every stage"):
+                  "Wall time of every stage", "## Training"):
         assert title in md
     assert "not run" not in md
-    for png in ("ppl_vs_k", "ppl_vs_lambda", "ppl_vs_temperature", "ppl_vs_dstore_size"):
+    # the training section reads fairseq-train's own log
+    log = (work / "train.log").read_text()
+    updates = max(map(int, re.findall(r"num_updates[= ](\d+)", log)))
+    assert f"ran {updates:,} updates" in md
+    for png in ("ppl_vs_k", "ppl_vs_lambda", "ppl_vs_temperature", "ppl_vs_dstore_size", "training"):
         assert (report / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((report / "results.json").read_text())["chosen"] == res["chosen"]
     # Flat (exact) and IVF-PQ were compared on the same subset of valid.

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # training_curve.py beside this file
+
 LAMBDA_ROWS = (0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SIM_NAMES = {"faiss": "faiss (IVF-PQ distances)", "l2": "l2 (exact distances of IVF-PQ candidates)"}
 STAGE_ROWS = (
@@ -236,6 +238,21 @@ def write_report(results, work, report_dir):
     cache_md = cache_section(results)
     if cache_md:
         md.append(cache_md)
+
+    train_log = Path(work) / "train.log"
+    if train_log.exists():
+        from training_curve import parse, plot, summary
+
+        curve = parse(train_log.read_text())
+        if curve["train"]:
+            s = summary(curve)
+            plot(curve, report_dir / "training.png")
+            plots["training"] = report_dir / "training.png"
+            md.append("## Training\n")
+            md.append(f"fairseq-train ran {s['updates']:,} updates (epoch {s['epochs']}) in "
+                      f"{(s['seconds'] or 0) / 60:.0f} minutes at a median {s['median_tokens_per_s']:,} tokens/s "
+                      f"(its log); best valid perplexity {s['best_valid_ppl']} (fairseq's own valid blocks) "
+                      f"after {s['best_valid_updates']:,} updates. Loss curve: training.png.\n")
 
     # ---------------------------------------------------------------- vs k
     if sv:
