@@ -12,7 +12,6 @@ and reports knn ÷ (plain + search); the target is ≤ 1.10.
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 

@@ -22,7 +22,6 @@ fingerprint, so pieces of different trainings or stores are refused together.
 Adding a shard checkpoints and resumes like a whole build; the merge restarts.
 """
 
-import glob
 import os
 import re
 import time

@@ -7,7 +7,6 @@ users run them.  Artefacts are built once per test session.
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +80,18 @@ def eval_lm_in_process(data_bin, checkpoint, *flags):
     finally:
         eval_lm_module.SequenceScorer = scorer  # the task swaps in its scorer
     return float(results["loss"]), float(results["perplexity"])
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS at one thread for a module's in-process searches: its OpenMP threads spin
+    while waiting, and on a busy 2-core machine one thread is several times faster."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -32,12 +32,7 @@ QUIET = dict(progress=False, log=lambda msg: None)
 ROUNDS = {0: [7, 0, 13, 0, 3000, 5], 1: [0, 11, 14, 0, 2000]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ---------------------------------------------------------------- (a) the merge, pure

@@ -34,13 +34,7 @@ STRUCTURES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # FAISS's OpenMP threads spin while waiting; on a busy 2-core machine one is faster.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def build(dstore, output, factory, train_size, **kwargs):

@@ -20,12 +20,7 @@ FIRST_BLOCK = TOKENS_PER_SAMPLE
 IVFPQ = "IVF16,PQ8"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ------------------------------------------------------------ the original's writers

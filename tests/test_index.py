@@ -31,14 +31,7 @@ IVFPQ = "IVF64,PQ8"
 RECALL_BOUNDS = {"recall@1": 0.9, "recall@10": 0.6, "recall@100": 0.75}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # FAISS's OpenMP threads spin while waiting; on a busy 2-core machine one
-    # thread is several times faster.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered_keys(n, dim, seed=0, latent=8, clusters=64):

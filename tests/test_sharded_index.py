@@ -32,12 +32,7 @@ SETTINGS = dict(factory="IVF32,PQ8", train_size=4000, seed=3)
 QUIET = dict(progress=False, log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +68,6 @@ def build_pieces(store, index_dir, num_shards, **kw):
 def pieces(stores, tmp_path_factory):
     """The sharded store's index in 3 pieces (split along its pass shards)."""
     return build_pieces(stores[1], tmp_path_factory.mktemp("pieces") / "idx", 3)
-
-
-def search(index, queries, k=100, nprobe=8):
-    for part in [index] + [faiss.downcast_index(index.at(i)) for i in range(index.count())] \
-            if isinstance(index, faiss.IndexShards) else [index]:
-        if hasattr(part, "nprobe") or part is not index:
-            faiss.extract_index_ivf(part).nprobe = nprobe
-    return index.search(queries, k)
 
 
 def test_spans_follow_pass_shards_or_split_evenly(stores):
