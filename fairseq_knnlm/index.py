@@ -585,6 +585,33 @@ def _resume(output: str, plan: Dict, log) -> Optional[Tuple[faiss.Index, Dict]]:
     return index, state
 
 
+def resumable_add(output: str, plan: Dict, log, start: Callable[[], Tuple[faiss.Index, Dict]]):
+    """(index, state, resumed, checkpoint) of a stage that adds keys to ``output``.
+
+    The checkpoint at ``<output>.partial`` when its plan matches ``plan``,
+    else ``start()`` -> (index, extra state fields).  ``checkpoint()`` saves
+    the index and state with the add time so far; ``checkpoint(write=False)``
+    only updates ``state["add_seconds"]``.
+    """
+    part_index, part_state = partial_paths(output)
+    resumed = _resume(output, plan, log)
+    if resumed:
+        index, state = resumed
+        state["resumed"] = state.get("resumed", 0) + 1
+    else:
+        index, extra = start()
+        state = dict(plan, **extra, add_seconds=0.0, resumed=0)
+    started, before = time.monotonic(), state["add_seconds"]
+
+    def checkpoint(write: bool = True):
+        state["add_seconds"] = round(before + time.monotonic() - started, 3)
+        if write:
+            _write_index_atomic(index, part_index)
+            write_json_atomic(part_state, state)
+
+    return index, state, resumed is not None, checkpoint
+
+
 def _add_keys(index, reader: KeyReader, add_batch: int, gpu: bool, progress: bool,
               checkpoint: Callable[[], None], checkpoint_every: float,
               on_chunk: Optional[Callable[[int], None]], span: Optional[Tuple[int, int]] = None) -> None:
@@ -680,28 +707,18 @@ def build_index(
     )
     log(f"index {factory} ({metric}) of {ds.size} keys x {ds.dim} from {ds.path} -> {output}")
     reader = KeyReader(ds.keys)
-    part_index, part_state = partial_paths(output)
-    resumed = _resume(output, plan, log)
-    if resumed:
-        index, state = resumed
-        state["resumed"] = state.get("resumed", 0) + 1
-    else:
+
+    def start():
         t0 = time.monotonic()
         if n_train:
             _train(index, reader, factory, n_train, seed, gpu, progress)
-        state = dict(plan, train_seconds=round(time.monotonic() - t0, 3), add_seconds=0.0, resumed=0)
+        return index, dict(train_seconds=round(time.monotonic() - t0, 3))
 
-    add_started, add_before = time.monotonic(), state["add_seconds"]
-
-    def checkpoint():
-        state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
-        _write_index_atomic(index, part_index)
-        write_json_atomic(part_state, state)
-
+    index, state, resumed, checkpoint = resumable_add(output, plan, log, start)
     if not resumed:
         checkpoint()  # training can take hours: never redo it
     _add_keys(index, reader, add_batch, gpu, progress, checkpoint, checkpoint_every, on_chunk)
-    state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
+    checkpoint(write=False)
 
     set_nprobe(index, nprobe)  # saved with the index, used by --eval-recall
     meta = dict(

@@ -37,8 +37,8 @@ from .errors import UserError
 from .index import (
     FORMAT_VERSION, INDEX_FILE, MIN_POINTS_PER_CENTROID, PROG, IndexBuildError, IndexMismatchError,
     KeyReader, _add_keys, _call_with_clock, _check_gpu, _faiss_message, _finish, _ivf, _log,
-    _open_datastore, _positive, _remove, _resume, _train, _write_index_atomic, default_factory,
-    evaluate_recall, format_recall, make_index, meta_path, partial_paths, read_flags, set_nprobe,
+    _open_datastore, _positive, _remove, _train, _write_index_atomic, default_factory,
+    evaluate_recall, format_recall, make_index, meta_path, partial_paths, read_flags, resumable_add, set_nprobe,
 )
 from .search_params import apply_faiss_params
 
@@ -196,33 +196,24 @@ def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Opti
         shard_id=int(shard_id), num_shards=int(num_shards), first_id=first,
     )
     log(f"index shard {shard_id} of {num_shards}: datastore rows [{first}, {end}) of {ds.path} -> {output}")
-    part_index, part_state = partial_paths(output)
-    resumed = _resume(output, plan, log)
-    if resumed:
-        index, state = resumed
-        state["resumed"] = state.get("resumed", 0) + 1
-    else:
+    def start():
         index = _read_faiss(trained)
         if index.ntotal:
             raise IndexBuildError(f"{trained} already holds keys; {redo}")
-        state = dict(plan, add_seconds=0.0, resumed=0)
-    add_started, add_before = time.monotonic(), state["add_seconds"]
+        return index, {}
 
-    def checkpoint():
-        state["add_seconds"] = round(add_before + time.monotonic() - add_started, 3)
-        _write_index_atomic(index, part_index)
-        write_json_atomic(part_state, state)
-
+    index, state, _, checkpoint = resumable_add(output, plan, log, start)
     _add_keys(index, KeyReader(ds.keys), add_batch, gpu, progress, checkpoint, checkpoint_every,
               on_chunk, span=(first, end))
+    checkpoint(write=False)
     meta = dict(
         plan, ntotal=int(index.ntotal), datastore_size=ds.size, datastore_path=ds.path,
         trained_path=os.path.basename(trained), add_batch=int(add_batch),
-        add_seconds=round(add_before + time.monotonic() - add_started, 3), resumed=state["resumed"],
+        add_seconds=state["add_seconds"], resumed=state["resumed"],
         gpu=bool(gpu), faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     _write_piece(index, meta, output)
-    _remove(part_index, part_state)
+    _remove(*partial_paths(output))
     log(f"wrote {output} ({index.ntotal} keys)")
     return meta
 

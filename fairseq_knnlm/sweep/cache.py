@@ -19,7 +19,7 @@ import torch
 from ..cache import cache_log_probs, check_cache_values, default_chunk_rows, interpolate_cache
 from .grid import SweepError
 from .perplexity import PplStat, eval_lm_perplexity, interpolated, segment_starts
-from .threads import default_threads, single_torch_thread
+from .threads import run_in_chunks, single_torch_thread
 
 
 def check_cache_inputs(nb, sizes: Sequence[int], thetas: Sequence[float], cache_lambdas: Sequence[float]) -> None:
@@ -68,28 +68,8 @@ def cache_table(nb, sizes: Sequence[int], thetas: Sequence[float], chunk_rows: O
     rows = int(chunk_rows or 4 * default_chunk_rows(max(sizes)))
     out = np.empty((len(sizes), len(thetas), n), dtype=np.float32)
     spans = [(a, min(a + rows, n)) for a in range(0, n, rows)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(spans), desc="cache probabilities", unit="chunk", leave=False, disable=None)
-    threads = max(1, min(threads or default_threads(), len(spans) or 1))
-    try:
-        with torch.no_grad(), single_torch_thread():
-            job = lambda span: _table_chunk(nb, *span, sizes, thetas, out)  # noqa: E731
-            if threads == 1:
-                for span in spans:
-                    job(span)
-                    bar is not None and bar.update()
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(threads) as pool:
-                    for _ in pool.map(job, spans):
-                        bar is not None and bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
+    job = lambda span: _table_chunk(nb, *span, sizes, thetas, out)  # noqa: E731
+    run_in_chunks(job, spans, threads, progress, desc="cache probabilities")
     return CacheTable(sizes, thetas, out)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import knn_math
 from .grid import check_grid
-from .threads import default_threads, single_torch_thread
+from .threads import run_in_chunks
 
 # Below exp(-80) a neighbour's share of the softmax is < 2e-35 of the nearest
 # one's: clamping there avoids float32's slow denormal path and changes no sum
@@ -171,27 +171,6 @@ def knn_table(nb, ks: Sequence[int], temps: Sequence[float], signals: bool = Fal
     out = np.empty((len(ks), len(temps), n), dtype=np.float32)
     sig = {name: np.empty((len(ks), len(temps), n), dtype=np.float32) for name in SIGNALS} if signals else {}
     spans = [(s, min(s + rows, n)) for s in range(0, n, rows)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(spans), desc="kNN probabilities", unit="chunk", leave=False, disable=None)
-    threads = max(1, min(threads or default_threads(), len(spans) or 1))
-    # One thread per chunk rather than per op: no synchronisation inside a chunk.
-    try:
-        with torch.no_grad(), single_torch_thread():
-            job = lambda span: _table_chunk(nb, *span, ks, temps, kmax, signals, exact, out, sig)  # noqa: E731
-            if threads == 1:
-                for span in spans:
-                    job(span)
-                    bar is not None and bar.update()
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(threads) as pool:
-                    for _ in pool.map(job, spans):
-                        bar is not None and bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
+    job = lambda span: _table_chunk(nb, *span, ks, temps, kmax, signals, exact, out, sig)  # noqa: E731
+    run_in_chunks(job, spans, threads, progress, desc="kNN probabilities")
     return KnnTable(ks, temps, out, sig)
