@@ -171,13 +171,13 @@ def on_this_gpu(index: faiss.Index) -> faiss.Index:
     """``index`` (or each piece of an IndexShards) copied to this rank's GPU,
     torch.cuda.current_device(): one GPU per rank, as fairseq assigns them."""
     from .index import _check_gpu
-    from .sharded_index import _shard_to_gpu
+    from .sharded_index import piece_to_gpu
 
     _check_gpu()
     device = torch.cuda.current_device()
     if not isinstance(index, faiss.IndexShards):
-        return _shard_to_gpu(index, device)
-    parts = [_shard_to_gpu(faiss.downcast_index(index.at(i)), device) for i in range(index.count())]
+        return piece_to_gpu(index, device)
+    parts = [piece_to_gpu(faiss.downcast_index(index.at(i)), device) for i in range(index.count())]
     shards = faiss.IndexShards(index.d, True, False)  # ids are datastore positions already
     for part in parts:
         shards.add_shard(part)

@@ -357,7 +357,7 @@ def load_index_shards(index_dir: str, datastore, shard_ids: Optional[Sequence[in
         parts.append(index)
     if gpu:
         ngpu = _check_gpu()
-        parts = [_shard_to_gpu(p, i % ngpu) for i, p in enumerate(parts)]
+        parts = [piece_to_gpu(p, i % ngpu) for i, p in enumerate(parts)]
     if len(parts) == 1:
         index = parts[0]
     else:
@@ -379,7 +379,7 @@ def load_index_shards(index_dir: str, datastore, shard_ids: Optional[Sequence[in
     return index, meta
 
 
-def _shard_to_gpu(index: faiss.Index, device: int) -> faiss.Index:
+def piece_to_gpu(index: faiss.Index, device: int) -> faiss.Index:
     resources = faiss.StandardGpuResources()
     co = faiss.GpuClonerOptions()
     co.useFloat16 = isinstance(_ivf(index), faiss.IndexIVFPQ)
