@@ -15,7 +15,7 @@ WT2 = ROOT / "examples" / "wikitext2"
 WT103 = ROOT / "examples" / "wikitext103"
 STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
           "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
-          "dstore-size", "subset", "cache", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
+          "dstore-size", "subset", "cache", "keytypes", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
 pytestmark = pytest.mark.skipif(not (WIKITEXT2 / "train.txt").exists(), reason=f"no WikiText-2 in {WIKITEXT2}")
 
@@ -138,6 +138,27 @@ def test_wikitext2_continuous_cache_chosen_on_valid(wt2):
     assert (run["lmbda"], run["cache_lmbda"]) == (table["both"]["setting"]["lmbda"],
                                                   table["both"]["setting"]["cache_lmbda"])
     assert abs(math.log2(table["both"]["test"]) - run["loss"]) < 2e-4
+
+
+def test_wikitext2_key_types_each_with_own_store_index_and_setting(wt2):
+    work, res, _ = wt2
+    kt = res["keytypes"]
+    main, other = kt["last_ffn_input"], kt["last_layer_output"]
+    assert main["chosen"] == res["chosen"]["faiss"] and main["test"] == res["knn_test"]["faiss"]
+    ds = Datastore(str(work / "dstore-last_layer_output"))
+    assert ds.meta["keytype"] == "last_layer_output" and Datastore(str(work / "dstore")).meta["keytype"] == "last_ffn_input"
+    assert ds.size == res["dstore"]["size"] == other["dstore"]["size"]
+    assert np.array_equal(ds.vals[:], Datastore(str(work / "dstore")).vals[:])  # same targets, other keys
+    assert not np.array_equal(ds.keys[:100], Datastore(str(work / "dstore")).keys[:100])
+    assert other["index"]["ntotal"] == ds.size
+    # Its own T and λ, chosen on valid (λ = 0 is in the grid), then run on test at that setting.
+    sw, c = other["sweep"], other["chosen"]
+    assert c["ppl"] == pytest.approx(min(min(row) for row in sw["ppl"][sw["ks"].index(c["k"])]))
+    assert c["ppl"] <= sw["base"]["ppl"] + 1e-9
+    assert (other["test"]["lmbda"], other["test"]["knn_temp"]) == (c["lmbda"], c["knn_temp"])
+    assert "--knn-keytype last_layer_output" in res["commands"]["knn-test-faiss-last_layer_output"]
+    md = (work / "report" / "results.md").read_text()
+    assert "## Which hidden state is the key" in md and f"| {other['test']['ppl']:.2f} |" in md
 
 
 def test_wikitext2_rerun_reuses_the_work_directory(wt2):

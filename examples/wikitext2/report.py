@@ -27,6 +27,7 @@ STAGE_ROWS = (
     ("dstore-size", "10% / 30% datastores: copy, index, valid eval, sweep"),
     ("subset", "Flat vs IVF-PQ on a valid subset"),
     ("cache", "continuous cache: valid run saving keys, sweep of size, θ, λc, λ; test run"),
+    ("keytypes", "last_layer_output keys: datastore pass, IVF-PQ index, valid run, sweep, test run"),
     ("knn-valid-l2", "kNN-LM on valid, l2 distances, saving neighbours"),
     ("sweep-valid-l2", "sweep on valid (l2)"),
     ("knn-test-l2", "kNN-LM on test at the valid-chosen setting (l2)"),
@@ -126,6 +127,34 @@ def cache_section(results):
                           f"{f2(p['both']['ppl'])} ({cache_setting(p['both'], with_size=False)})"]
                          for p in per]) + "\n")
     return "\n".join(md)
+
+
+KEYTYPE_NAMES = {"last_ffn_input": "last layer's FFN input, after its layer norm (the paper's best)",
+                 "last_layer_output": "last layer's output (the decoder's final hidden state)"}
+
+
+def keytype_section(results):
+    """Markdown for the key-type comparison, or None."""
+    kt = results.get("keytypes", {})
+    if not all("test" in r for r in kt.values()) or len(kt) < 2:
+        return None
+    base = base_lm(results)
+    rows = [["base LM", "–", "–", "–", f2(base.get("valid", {}).get("ppl")), f2(base.get("test", {}).get("ppl"))]]
+    for name, r in kt.items():
+        d, rec, c = r["dstore"], r["index"].get("recall") or {}, r["chosen"]
+        rows.append([f"`{name}`: {KEYTYPE_NAMES.get(name, name)}", f"{d['size']:,} x {d['dim']}",
+                     " / ".join(f"{rec[k]:.3f}" for k in ("recall@1", "recall@10") if k in rec) or "–",
+                     f"k {c['k']}, T {c['knn_temp']:g}, λ {c['lmbda']:g}", f2(c["ppl"]), f2(r["test"]["ppl"])])
+    cfg = results.get("config", {})
+    return "\n".join([
+        "## Which hidden state is the key\n",
+        "Each key type has its own datastore (one pass over train), its own IVF-PQ index "
+        f"({cfg.get('ivfpq_factory')}, trained on up to {cfg.get('ivfpq_train', 0):,} of its own keys), and "
+        "its own T and λ chosen on **valid** (faiss distances, k fixed); test is a fairseq-eval-lm run at that "
+        "setting. Recall: the index's recall@1 / @10 of exact neighbours among its own keys "
+        f"(nprobe {cfg.get('probe')}).\n",
+        table(["key", "datastore", "IVF-PQ recall@1 / @10", "setting (chosen on valid)", "valid", "test"],
+              rows) + "\n"])
 
 
 def headline(results, results_path, paths):
@@ -235,9 +264,9 @@ def write_report(results, work, report_dir):
         md.append("Check, test at the chosen setting, real run vs offline sweep of its saved neighbours: "
                   + "; ".join(checks) + ".\n")
 
-    cache_md = cache_section(results)
-    if cache_md:
-        md.append(cache_md)
+    for section in (cache_section(results), keytype_section(results)):
+        if section:
+            md.append(section)
 
     train_log = Path(work) / "train.log"
     if train_log.exists():

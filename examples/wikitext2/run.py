@@ -29,6 +29,9 @@ work directory, e.g. one whose model was trained separately, is reused):
   cache             the continuous cache (Grave et al., 2017), alone and with the kNN-LM: valid
                     neighbours saved with every token's key, cache size, θ, λc and λ swept on
                     them, test run at the valid-chosen setting; base, + cache, + kNN, + both
+  keytypes          the paper's key comparison: a second datastore keyed by the last layer's
+                    output (--knn-keytype last_layer_output) with its own IVF-PQ index, its own
+                    T and λ chosen on valid, and a test run; against the main (last_ffn_input) store
   knn-valid-l2 ... sweep-test-l2   the four kNN stages again with exact (l2) distances
                     recomputed from the stored keys for the IVF-PQ candidates
   report      tables (results.md), results.json and PNG plots -> --report-dir
@@ -62,15 +65,15 @@ SPEED_RE = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tok
 # In order of priority: the l2 runs cost most (key reads) and come last.
 STAGES = ("data", "preprocess", "train", "baseline", "dstore", "index",
           "knn-valid-faiss", "sweep-valid-faiss", "knn-test-faiss", "sweep-test-faiss",
-          "dstore-size", "subset", "cache", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
+          "dstore-size", "subset", "cache", "keytypes", "knn-valid-l2", "sweep-valid-l2", "knn-test-l2", "sweep-test-l2", "report")
 
-# Full: the model of train.sh (pre-norm, adaptive input/softmax, trained on 512-token blocks).
+# Full: the model of train.sh (pre-norm, adaptive input/softmax, trained on 256-token blocks).
 FULL = dict(
     slice_bytes=None,
-    tokens_per_sample=512,   # = the training block: the model has seen no longer context
-    dstore_context=128,      # datastore pass: each scored token sees >= 128 tokens of context
-    eval_context=256,
-    max_tokens=2048,         # 8 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (2 GiB)
+    tokens_per_sample=256,   # = the training block: the model has seen no longer context
+    dstore_context=64,       # datastore pass: each scored token sees >= 64 tokens of context
+    eval_context=128,        # evaluation: >= 128 (half the block, as the datastore pass's ratio)
+    max_tokens=4096,         # 16 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (1 GiB)
     ivfpq_factory="IVF4096,PQ64",  # the paper's index, trained on 1M keys like the paper's
     ivfpq_train=1_000_000,
     recall_queries=1000,
@@ -111,6 +114,7 @@ CACHE_THETAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1, 3)
 CACHE_LAMBDAS = "0:0.7:0.05"
 CACHE_SAVE_THETA, CACHE_SAVE_LMBDA = 0.1, 0.1  # of the run that saves valid's keys (the grid decides)
 SIM_FUNCS = ("faiss", "l2")
+MAIN_KEYTYPE, OTHER_KEYTYPE = "last_ffn_input", "last_layer_output"  # the task's default, and the one compared
 
 
 def log(msg):
@@ -234,9 +238,11 @@ class Pipeline:
                       "--workers", 1], "preprocess-eval")
         return out
 
-    def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None, cache=None):
+    def knn_eval(self, split, dstore, index, sim, lmbda, temp, save, logname, k=None, data_bin=None, cache=None,
+                 keytype=MAIN_KEYTYPE):
         extra = ["--knnlm", "--dstore", dstore, "--knn-index", index, "--k", k or self.args.k,
-                 "--lmbda", lmbda, "--knn-temp", temp, "--probe", self.args.probe, "--knn-sim-func", sim]
+                 "--lmbda", lmbda, "--knn-temp", temp, "--probe", self.args.probe, "--knn-sim-func", sim,
+                 "--knn-keytype", keytype]
         if cache:  # (size, θ, λc) of the continuous cache; its neighbours then carry every token's key
             extra += ["--knn-cache-size", cache[0], "--knn-cache-theta", cache[1], "--knn-cache-lmbda", cache[2]]
         if save:
@@ -355,13 +361,15 @@ class Pipeline:
                                               "--dstore", self.dstore, "--dstore-overwrite")
         self.describe_dstore()
 
-    def describe_dstore(self):
+    def describe_dstore(self, dstore=None, rec=None):
         from fairseq_knnlm.datastore import Datastore
 
-        ds = Datastore(str(self.dstore))
-        self.results["dstore"].update(size=ds.size, dim=ds.dim, keys_dtype=str(ds.keys.dtype),
-                                      keys_bytes=os.path.getsize(self.dstore / "keys.npy"),
-                                      context_window=ds.meta.get("context_window"))
+        dstore = dstore or self.dstore
+        ds = Datastore(str(dstore))
+        (rec or self.results["dstore"]).update(size=ds.size, dim=ds.dim, keys_dtype=str(ds.keys.dtype),
+                                               keys_bytes=os.path.getsize(dstore / "keys.npy"),
+                                               context_window=ds.meta.get("context_window"),
+                                               keytype=ds.meta.get("keytype"))
 
     def dstore_done(self):
         if not (self.dstore / "meta.json").exists():
@@ -528,6 +536,46 @@ class Pipeline:
     def cache_done(self):
         return "table" in self.results.get("cache", {})
 
+    def do_keytypes(self):
+        """A datastore keyed by OTHER_KEYTYPE, each step recorded as it finishes: the datastore pass,
+        its IVF-PQ index (the main one's factory and training size), the valid run saving neighbours,
+        the sweep choosing T and λ at k = --k, and the test run at that setting."""
+        kt = self.results.setdefault("keytypes", {})
+        main = self.results["chosen"]["faiss"]
+        kt[MAIN_KEYTYPE] = dict(dstore={key: self.results["dstore"].get(key) for key in
+                                        ("size", "dim", "tokens_per_s", "eval_seconds")},
+                                index=self.results["index"]["ivfpq"], chosen=main,
+                                test=self.results["knn_test"]["faiss"])
+        rec = kt.setdefault(OTHER_KEYTYPE, {})
+        dstore = self.work / f"dstore-{OTHER_KEYTYPE}"
+        if "dstore" not in rec:
+            rec["dstore"] = self.eval_lm("train", self.cfg["dstore_context"], f"dstore-{OTHER_KEYTYPE}",
+                                         "--save-knnlm-dstore", "--knn-keytype", OTHER_KEYTYPE,
+                                         "--dstore", dstore, "--dstore-overwrite")
+            self.describe_dstore(dstore, rec["dstore"])
+            self.save()
+        index = dstore / "knn.index"
+        if "index" not in rec or not index_complete(index):
+            rec["index"] = self.build_index(dstore, index, self.cfg["ivfpq_factory"], self.cfg["ivfpq_train"],
+                                            f"index-ivfpq-{OTHER_KEYTYPE}", self.cfg["recall_queries"])
+            self.save()
+        nb = self.nbrs / f"valid-faiss-{OTHER_KEYTYPE}"
+        if "valid_run" not in rec:
+            rec["valid_run"] = self.knn_eval("valid", dstore, index, "faiss", PAPER_LAMBDA, PAPER_TEMP, nb,
+                                             f"knn-valid-faiss-{OTHER_KEYTYPE}", keytype=OTHER_KEYTYPE)
+            self.save()
+        if "chosen" not in rec:
+            rec["sweep"] = compact_sweep(self.sweep(nb, f"valid-faiss-{OTHER_KEYTYPE}"))
+            rec["chosen"] = choose(rec["sweep"], self.args.k)
+            self.save()
+        if "test" not in rec:
+            c = rec["chosen"]
+            rec["test"] = self.knn_eval("test", dstore, index, "faiss", c["lmbda"], c["knn_temp"], None,
+                                        f"knn-test-faiss-{OTHER_KEYTYPE}", keytype=OTHER_KEYTYPE)
+
+    def keytypes_done(self):
+        return "test" in self.results.get("keytypes", {}).get(OTHER_KEYTYPE, {})
+
     def do_whole_test(self):
         """With --eval-tokens: the whole test split at the faiss setting chosen on valid."""
         c = self.results["chosen"]["faiss"]
@@ -556,6 +604,7 @@ class Pipeline:
                 self.stage("dstore-size", self.dstore_size_done, self.do_dstore_size)
                 self.stage("subset", self.subset_done, self.do_subset)
                 self.stage("cache", self.cache_done, self.do_cache)
+                self.stage("keytypes", self.keytypes_done, self.do_keytypes)
         if self.cfg.get("eval_tokens") and a.whole_test:
             self.stage("whole-test", lambda: "whole_test" in self.results, self.do_whole_test)
         report_dir = Path(a.report_dir).resolve() if a.report_dir else self.work / "report"
@@ -722,14 +771,14 @@ def parse_args(argv=None):
                    f"default: {SHARED_WIKITEXT2} if present, else download wikitext-2-v1.zip")
     p.add_argument("--workdir", default=None, help="work directory (default: examples/wikitext2/work[-tiny])")
     p.add_argument("--tiny", action="store_true", help="a small slice and a small model: a few minutes")
-    p.add_argument("--hours", type=float, default=0.6, help="training budget of train.sh (full mode)")
+    p.add_argument("--hours", type=float, default=0.66, help="training budget of train.sh (full mode)")
     p.add_argument("--k", type=int, default=1024, help="neighbours retrieved (default: %(default)s)")
     p.add_argument("--probe", type=int, default=32, help="IVF lists searched (default: %(default)s)")
-    p.add_argument("--dstore-context", type=int, help="context window of the datastore pass (default: full 256, tiny 64)")
-    p.add_argument("--eval-context", type=int, help="context window of every evaluation (default: full 256, tiny 64)")
-    p.add_argument("--max-tokens", type=int, help="fairseq-eval-lm --max-tokens (default: full 2048, tiny 4096)")
-    p.add_argument("--ivfpq-factory", help="IVF-PQ index (default: full IVF1024,PQ32, tiny IVF128,PQ16)")
-    p.add_argument("--ivfpq-train", type=int, help="keys to train the IVF-PQ index on (default: 250000)")
+    p.add_argument("--dstore-context", type=int, help="context window of the datastore pass (default: full 64, tiny 64)")
+    p.add_argument("--eval-context", type=int, help="context window of every evaluation (default: full 128, tiny 64)")
+    p.add_argument("--max-tokens", type=int, help="fairseq-eval-lm --max-tokens (default: 4096)")
+    p.add_argument("--ivfpq-factory", help="IVF-PQ index (default: full IVF4096,PQ64, tiny IVF128,PQ16)")
+    p.add_argument("--ivfpq-train", type=int, help="keys to train the IVF-PQ index on (default: full 1M, tiny 250k)")
     p.add_argument("--subset-tokens", type=int, help="valid tokens for the Flat comparison (default: full 3000, tiny 1000)")
     p.add_argument("--eval-tokens", type=int,
                    help="evaluate the kNN-LM on the first N tokens of valid and of test only (default: "
