@@ -73,7 +73,7 @@ FULL = dict(
     tokens_per_sample=256,   # = the training block: the model has seen no longer context
     dstore_context=64,       # datastore pass: each scored token sees >= 64 tokens of context
     eval_context=128,        # evaluation: >= 128 (half the block, as the datastore pass's ratio)
-    max_tokens=4096,         # 16 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (1 GiB)
+    max_tokens=4096,         # 16 blocks = 2048 queries per batch: l2 reads their 1024 neighbour keys (2 GiB)
     ivfpq_factory="IVF4096,PQ64",  # the paper's index, trained on 1M keys like the paper's
     ivfpq_train=1_000_000,
     recall_queries=1000,
