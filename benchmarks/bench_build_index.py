@@ -46,7 +46,7 @@ def worker_make(args) -> dict:
     """A synthetic float16 datastore of ``args.size`` keys at ``args.dstore``."""
     import numpy as np
 
-    from fairseq_knnlm.datastore import DatastoreWriter
+    from fairseq_knnlm.storage.datastore import DatastoreWriter
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((256, 16)) * 4
@@ -79,7 +79,7 @@ def worker_bare(args) -> dict:
     import faiss
     import numpy as np
 
-    from fairseq_knnlm.datastore import Datastore
+    from fairseq_knnlm.storage.datastore import Datastore
     from fairseq_knnlm.index import _sample_ids
 
     ds = Datastore(args.dstore)

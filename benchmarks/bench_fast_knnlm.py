@@ -192,7 +192,7 @@ class Bench:
 
     def measure_recall(self, name):
         """recall@k of the index at each nprobe the configurations use (stored keys as queries)."""
-        from fairseq_knnlm.datastore import Datastore
+        from fairseq_knnlm.storage.datastore import Datastore
         from fairseq_knnlm.index import KeyReader, evaluate_recall, load_index
 
         rec = self.results["indexes"][name].setdefault("recall", {})

@@ -121,7 +121,7 @@ def main():
 
     from fairseq.models.transformer_lm import TransformerLanguageModel
 
-    from fairseq_knnlm.generation import from_pretrained
+    from fairseq_knnlm.integration.hub import from_pretrained
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.data or prepare_wikitext2(args.workdir)

@@ -22,7 +22,7 @@ from common import (
 
 SEARCH_SNIPPET = """
 import sys, time, faiss, numpy as np
-from fairseq_knnlm.datastore import Datastore
+from fairseq_knnlm.storage.datastore import Datastore
 index = faiss.read_index(sys.argv[1])
 faiss.extract_index_ivf(index).nprobe = int(sys.argv[4])
 q = np.ascontiguousarray(np.asarray(Datastore(sys.argv[2]).keys, dtype=np.float32))

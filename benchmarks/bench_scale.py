@@ -76,7 +76,7 @@ def worker_make(args) -> dict:
     import numpy as np
     from tqdm import tqdm
 
-    from fairseq_knnlm.datastore import DatastoreWriter, shard_dirname
+    from fairseq_knnlm.storage.datastore import DatastoreWriter, shard_dirname
 
     keys = _generator(args.dim)
     bounds = [0, args.size // 2, args.size]
@@ -120,8 +120,8 @@ def worker_search(args) -> dict:
     import faiss
     import numpy as np
 
-    from fairseq_knnlm.datastore import Datastore
-    from fairseq_knnlm.sharded_index import open_index
+    from fairseq_knnlm.storage.datastore import Datastore
+    from fairseq_knnlm.index.shards import open_index
 
     faiss.omp_set_num_threads(2)
     queries = np.load(os.path.join(args.workdir, "queries.npy"))
@@ -137,7 +137,7 @@ def worker_ram_index(args) -> dict:
     """The pieces merged in memory (FAISS merge_from) and written as one ordinary index."""
     import faiss
 
-    from fairseq_knnlm.sharded_index import find_shards
+    from fairseq_knnlm.index.shards import find_shards
 
     paths, _ = find_shards(os.path.dirname(args.index))
     index = faiss.read_index(os.path.join(os.path.dirname(args.index), "trained.index"))
@@ -157,8 +157,8 @@ def worker_distributed(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from fairseq_knnlm.datastore import Datastore
-    from fairseq_knnlm.distributed_search import open_distributed_retriever
+    from fairseq_knnlm.storage.datastore import Datastore
+    from fairseq_knnlm.retrieval.distributed import open_distributed_retriever
 
     faiss.omp_set_num_threads(1)
     dist.init_process_group("gloo")

@@ -1,10 +1,13 @@
-"""kNN-LM for fairseq: pass this package to fairseq with ``--user-dir``."""
+"""kNN-LM for fairseq: pass this package to fairseq with ``--user-dir``.
+
+Importing it registers the task ``knnlm_language_modeling`` with fairseq and
+applies the NumPy 2 shim fairseq needs (``integration/numpy2.py``); nothing else.
+"""
 
 __version__ = "0.1.0"
 
-from .errors import install_excepthook
+from .integration.numpy2 import numpy2_compat
 
-install_excepthook()
+numpy2_compat()
 
-from . import task  # noqa: E402,F401  registers knnlm_language_modeling
-from .generation import numpy2_compat  # noqa: E402,F401  fairseq eos-mode datasets under NumPy 2
+from .integration import task  # noqa: E402,F401  registers knnlm_language_modeling

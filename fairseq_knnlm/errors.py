@@ -1,10 +1,32 @@
-"""User-facing errors: printed as one line by the command-line tools."""
+"""User-facing errors, and how the command-line tools print them (one line, exit 2).
+
+Nothing here runs at import: our CLIs report errors through
+:func:`fairseq_knnlm.cli.common.run_reporting_errors`, and the task installs
+:func:`install_excepthook` only when fairseq's own CLIs parse its options, so a
+program that uses the package as a library sees ordinary exceptions.
+"""
 
 import sys
 
 
 class UserError(ValueError):
     """Bad input or settings; the message says what to do."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The useful first line of an exception's message, for a one-line error.
+
+    FAISS's C++ exceptions carry the source location before ``failed: `` or
+    ``Error: ``; only what follows is kept.  An empty message gives the type's name.
+    """
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    text = text.splitlines()[0]
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text.strip()[:limit]
 
 
 def _subclasses(cls):
@@ -30,7 +52,8 @@ def child_user_error(exc: BaseException):
 
 def install_excepthook(prog: str = "fairseq-knnlm") -> None:
     """Print UserErrors (also those of fairseq's spawned worker processes) as
-    ``prog: error: message`` (exit 2) instead of a traceback."""
+    ``prog: error: message`` (exit 2) instead of a traceback.  For fairseq's CLIs:
+    the task calls it when they parse its options."""
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):

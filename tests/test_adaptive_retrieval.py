@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import eval_lm, eval_lm_in_process
-from fairseq_knnlm import adaptive
-from fairseq_knnlm.adaptive import (
+from fairseq_knnlm.retrieval import adaptive
+from fairseq_knnlm.retrieval.adaptive import (
     FEATURE_NAMES,
     RetrievalPredictor,
     RetrievalPredictorError,
@@ -26,8 +26,8 @@ from fairseq_knnlm.adaptive import (
     fit_predictor,
     fraction_thresholds,
 )
-from fairseq_knnlm.datastore import shard_dirname
-from fairseq_knnlm.neighbors import NeighborsError, NeighborsWriter, read_neighbors
+from fairseq_knnlm.storage.datastore import shard_dirname
+from fairseq_knnlm.storage.neighbors import NeighborsError, NeighborsWriter, read_neighbors
 from test_sweep import run_cli, synthetic, write
 
 K, TEMP, LMBDA = 16, 5.0, 0.25
@@ -276,7 +276,8 @@ def test_eval_lm_refuses_a_predictor_fit_for_another_datastore(data_bin, tiny_lm
 
 
 def test_generation_with_a_predictor_searches_only_selected_steps(data_bin, tiny_lm, tiny_datastore, fitted):
-    from fairseq_knnlm.generation import from_pretrained, retrieval_counts, search_count
+    from fairseq_knnlm.integration.generation import retrieval_counts, search_count
+    from fairseq_knnlm.integration.hub import from_pretrained
 
     index = fitted.knn[fitted.knn.index("--knn-index") + 1]
     hub = from_pretrained(str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),

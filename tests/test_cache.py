@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, eval_lm_in_process, run
-from fairseq_knnlm.cache import ContinuousCache, cache_log_probs, interpolate_cache
+from fairseq_knnlm.scoring.cache import ContinuousCache, cache_log_probs, interpolate_cache
 from fairseq_knnlm.cli import sweep as sweep_cli
 from fairseq_knnlm.errors import UserError
-from fairseq_knnlm.neighbors import read_neighbors
+from fairseq_knnlm.storage.neighbors import read_neighbors
 from test_datastore_pass import load_model, reference_keys, split_tokens
 
 SIZE, THETA, CACHE_LMBDA = 200, 0.05, 0.2

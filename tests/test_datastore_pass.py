@@ -13,7 +13,7 @@ from fairseq import checkpoint_utils
 from fairseq.data import Dictionary, data_utils
 
 from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, eval_lm, perplexity_line, run
-from fairseq_knnlm.datastore import Datastore, DatastoreError
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreError
 
 
 def split_tokens(data_bin, split):
@@ -191,7 +191,7 @@ def test_refusals(artefacts, data_bin, tiny_lm, tiny_datastore):
 def test_model_without_hooked_module_is_refused(data_bin):
     from fairseq import options, tasks
 
-    from fairseq_knnlm.keys import KeyCapture, KeytypeError
+    from fairseq_knnlm.integration.keys import KeyCapture, KeytypeError
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import USER_DIR, eval_lm, perplexity_line, run
-from fairseq_knnlm.datastore import Datastore, DatastoreWriter
-from fairseq_knnlm.distributed_search import (
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
+from fairseq_knnlm.retrieval.distributed import (
     DistributedSearchError, check_distributed_flags, merge_candidates, merge_order, open_distributed_retriever,
     pieces_of_rank, record_dtype, rerank_order,
 )
 from fairseq_knnlm.index import build_index, load_index
-from fairseq_knnlm.neighbors import read_neighbors
-from fairseq_knnlm.retriever import KNNRetriever
-from fairseq_knnlm.sharded_index import add_shard, open_index, train_only
+from fairseq_knnlm.storage.neighbors import read_neighbors
+from fairseq_knnlm.retrieval.retriever import KNNRetriever
+from fairseq_knnlm.index.shards import add_shard, open_index, train_only
 from test_index import META, clustered_keys, value_of
 
 N, DIM = 6000, 32

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, WIKITEXT2, run
-from fairseq_knnlm.datastore import Datastore
+from fairseq_knnlm.storage.datastore import Datastore
 
 WT2 = ROOT / "examples" / "wikitext2"
 WT103 = ROOT / "examples" / "wikitext103"

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import eval_lm, perplexity_line
-from fairseq_knnlm.datastore import Datastore
+from fairseq_knnlm.storage.datastore import Datastore
 from fairseq_knnlm.index import KeyReader, build_index, evaluate_recall, load_index
-from fairseq_knnlm.neighbors import read_neighbors
-from fairseq_knnlm.overlap import Lookahead, SearchOverlap
-from fairseq_knnlm.retriever import KNNRetriever
-from fairseq_knnlm.search_params import SearchParamsError, apply_faiss_params, thread_setter
+from fairseq_knnlm.storage.neighbors import read_neighbors
+from fairseq_knnlm.retrieval.overlap import Lookahead, SearchOverlap
+from fairseq_knnlm.retrieval.retriever import KNNRetriever
+from fairseq_knnlm.index.search_params import SearchParamsError, apply_faiss_params, thread_setter
 
 K = 1024  # what kNN-LM searches with
 

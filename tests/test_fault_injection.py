@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from conftest import TOKENS_PER_SAMPLE, USER_DIR, eval_lm, eval_lm_in_process, run
-from fairseq_knnlm import datastore as datastore_module
-from fairseq_knnlm.adaptive import RetrievalPredictor, fit_predictor, fraction_thresholds
-from fairseq_knnlm.datastore import (
+from fairseq_knnlm.storage import datastore as datastore_module
+from fairseq_knnlm.retrieval.adaptive import RetrievalPredictor, fit_predictor, fraction_thresholds
+from fairseq_knnlm.storage.datastore import (
     NPY_HEADER_BYTES,
     Datastore,
     DatastoreError,
@@ -37,10 +37,10 @@ from fairseq_knnlm.datastore import (
     shard_dirname,
 )
 from fairseq_knnlm.errors import UserError, install_excepthook
-from fairseq_knnlm.importer import import_original
+from fairseq_knnlm.tools.importer import import_original
 from fairseq_knnlm.index import IndexBuildError, KeyReader, build_index, load_index, meta_path, partial_paths
-from fairseq_knnlm.neighbors import NeighborsError, NeighborsWriter, read_neighbors
-from fairseq_knnlm.prune import STATE_FILE, STATE_SUFFIX, prune_datastore
+from fairseq_knnlm.storage.neighbors import NeighborsError, NeighborsWriter, read_neighbors
+from fairseq_knnlm.tools.prune import STATE_FILE, STATE_SUFFIX, prune_datastore
 
 N = 2000  # entries of the small store the damaged copies are made from
 K = 8
@@ -656,7 +656,7 @@ def predictor_cases():
 
 @pytest.mark.parametrize("case", predictor_cases(), ids=lambda c: c[0])
 def test_damaged_predictor_is_refused_in_one_line(good, tmp_path, case):
-    from fairseq_knnlm.adaptive import RetrievalPredictorError
+    from fairseq_knnlm.retrieval.adaptive import RetrievalPredictorError
 
     _, damage, fragment = case
     path = copy(good.predictor, tmp_path)
@@ -738,7 +738,7 @@ def test_damaged_prune_checkpoint_is_discarded_and_the_run_ends_equal(good, tmp_
 
 # ------------------------------------------------------------------ the import's inputs
 def test_damaged_import_inputs_are_refused(good, tmp_path, data_bin, tiny_lm):
-    from fairseq_knnlm.importer import OriginalImportError
+    from fairseq_knnlm.tools.importer import OriginalImportError
 
     def importing(orig, data=data_bin, index=None):
         return lambda: import_original(str(orig / "dstore"), N, good.dim, False, str(tiny_lm), str(data),

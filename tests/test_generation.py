@@ -14,20 +14,19 @@ import torch
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from conftest import USER_DIR, eval_lm, run
-from fairseq_knnlm.generation import (
+from fairseq_knnlm.integration.generation import (
     GenerationError,
     StepKeys,
     attach_knnlm,
     detach_knnlm,
-    from_pretrained,
     is_attached,
     knnlm_log_probs,
-    knnlm_task_overrides,
     search_count,
 )
-from fairseq_knnlm import knn_math
-from fairseq_knnlm.keys import KEYTYPES, KeyCapture
-from fairseq_knnlm.scorer import KNNSequenceScorer
+from fairseq_knnlm.integration.hub import from_pretrained, knnlm_task_overrides
+from fairseq_knnlm.scoring import knn_math
+from fairseq_knnlm.integration.keys import KEYTYPES, KeyCapture
+from fairseq_knnlm.integration.scorer import KNNSequenceScorer
 
 K, LMBDA, KNN_TEMP = 16, 0.5, 1.0
 SENTENCES = ["The game was released in Japan .", "In 1998 , the band toured Europe with a new album ."]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fairseq_knnlm.cli.build_index import main as cli_main
-from fairseq_knnlm.datastore import Datastore, DatastoreError, DatastoreWriter, shard_dirname
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreError, DatastoreWriter, shard_dirname
 from fairseq_knnlm.index import (
     IndexBuildError,
     IndexMismatchError,

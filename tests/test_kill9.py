@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 
 from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR
-from fairseq_knnlm.adaptive import RetrievalPredictor
-from fairseq_knnlm.datastore import Datastore
+from fairseq_knnlm.retrieval.adaptive import RetrievalPredictor
+from fairseq_knnlm.storage.datastore import Datastore
 from fairseq_knnlm.errors import UserError
 from fairseq_knnlm.index import build_index, load_index, meta_path
-from fairseq_knnlm.neighbors import read_neighbors
+from fairseq_knnlm.storage.neighbors import read_neighbors
 
 # tool: (module, entry point, program name)
 TOOLS = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, USER_DIR, eval_lm, perplexity_line, run
-from fairseq_knnlm.datastore import Datastore, DatastoreWriter
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
 
 
 def build_index(dstore, output, factory="Flat", *extra):
@@ -211,7 +211,7 @@ def test_refuses_to_run_with_fairseqs_own_scorer(artefacts, data_bin, tiny_lm):
     """If the scorer cannot be swapped in, eval-lm must stop instead of printing the plain LM's perplexity."""
     dstore = artefacts / "dstore-never-written"
     script = (
-        "import runpy, sys; import fairseq_knnlm.task as task; "
+        "import runpy, sys; import fairseq_knnlm.integration.task as task; "
         "task._install_scorer = lambda t: None; "  # a runner whose scorer we cannot reach
         f"sys.argv = ['eval-lm'] + {_eval_lm_argv(data_bin, tiny_lm, '--save-knnlm-dstore', '--dstore', dstore)!r}; "
         "runpy.run_module('fairseq_cli.eval_lm', run_name='__main__')"

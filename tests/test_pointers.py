@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import eval_lm, eval_lm_in_process, run
-from fairseq_knnlm.datastore import Datastore, DatastoreWriter
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
 from fairseq_knnlm.index import make_index
-from fairseq_knnlm.neighbors import read_neighbors
-from fairseq_knnlm.pointers import (
+from fairseq_knnlm.storage.neighbors import read_neighbors
+from fairseq_knnlm.retrieval.pointers import (
     PointerError,
     build_pointers,
     check_datastore,
@@ -31,7 +31,7 @@ from fairseq_knnlm.pointers import (
     last_entries,
     rank_candidates,
 )
-from fairseq_knnlm.retriever import KNNRetriever
+from fairseq_knnlm.retrieval.retriever import KNNRetriever
 
 K, TEMP, LMBDA = 16, 5.0, 0.25
 REPORT = re.compile(r"kNN pointers: searched ([0-9,]+) of ([0-9,]+) tokens; ([0-9.]+)% of searches saved")
@@ -276,7 +276,8 @@ def test_bad_pointer_flags_are_refused_in_one_line(data_bin, tiny_lm, tiny_datas
 
 
 def test_generation_refuses_pointers(data_bin, tiny_lm, tiny_datastore, flat_index):
-    from fairseq_knnlm.generation import GenerationError, from_pretrained
+    from fairseq_knnlm.integration.generation import GenerationError
+    from fairseq_knnlm.integration.hub import from_pretrained
 
     lm = from_pretrained(str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),
                          knn_index=str(flat_index), k=K, knn_pointers=True, knn_pointer_min_candidates=2)

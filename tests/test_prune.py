@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import eval_lm_in_process, run
-from fairseq_knnlm import knn_math
-from fairseq_knnlm.datastore import Datastore, DatastoreWriter
-from fairseq_knnlm.generation import knnlm_log_probs
+from fairseq_knnlm.scoring import knn_math
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
+from fairseq_knnlm.integration.generation import knnlm_log_probs
 from fairseq_knnlm.index import build_index
-from fairseq_knnlm.neighbors import read_neighbors
-from fairseq_knnlm.prune import greedy_merge, merge_candidates, prune_datastore
+from fairseq_knnlm.storage.neighbors import read_neighbors
+from fairseq_knnlm.tools.prune import greedy_merge, merge_candidates, prune_datastore
 
 PRUNE = [sys.executable, "-m", "fairseq_knnlm.cli.prune"]
 UNIQUE_ENTRIES = 200  # small enough to search every entry (k = the whole store)

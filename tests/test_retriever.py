@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.datastore import Datastore, DatastoreWriter, shard_dirname
-from fairseq_knnlm.retriever import KNNRetriever
+from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter, shard_dirname
+from fairseq_knnlm.retrieval.retriever import KNNRetriever
 
 DIM, SIZE, K = 16, 600, 32
 

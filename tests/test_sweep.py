@@ -11,11 +11,11 @@ import torch
 
 from conftest import eval_lm_in_process
 
-from fairseq_knnlm import knn_math
+from fairseq_knnlm.scoring import knn_math
 from fairseq_knnlm import sweep as sw
 from fairseq_knnlm.cli import sweep as cli
-from fairseq_knnlm.datastore import DatastoreWriter, shard_dirname
-from fairseq_knnlm.neighbors import (
+from fairseq_knnlm.storage.datastore import DatastoreWriter, shard_dirname
+from fairseq_knnlm.storage.neighbors import (
     DISTS_FILE,
     META_FILE,
     NeighborsError,
@@ -421,7 +421,7 @@ def sweep_flat_index(tiny_datastore):
 def test_swept_perplexity_equals_fairseq_eval_lm_runs(tmp_path, data_bin, tiny_lm, tiny_datastore,
                                                       sweep_flat_index, capsys):
     """The issue's exactness promise: any grid point = a full eval-lm run with those flags."""
-    from fairseq_knnlm.datastore import Datastore
+    from fairseq_knnlm.storage.datastore import Datastore
 
     knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", sweep_flat_index]
     nbdir = tmp_path / "valid.nbrs"

@@ -185,7 +185,7 @@ fi
 # ------------------------------------------------------------------ dstore
 EVAL_COMMON=(--path "$CKPT" --user-dir "$KNNLM" --task knnlm_language_modeling --max-tokens $MAX_TOKENS
              --softmax-batch 1024 --num-workers 0 --log-format simple --log-interval 100 "${DEV_FLAGS[@]}")
-dstore_done() { python -c "from fairseq_knnlm.datastore import Datastore; Datastore('$DSTORE')" 2>/dev/null; }
+dstore_done() { python -c "from fairseq_knnlm.storage.datastore import Datastore; Datastore('$DSTORE')" 2>/dev/null; }
 if has_stage dstore && ! dstore_done; then
   log "stage dstore"
   DSTORE_ARGS=("$DATA_BIN" "${EVAL_COMMON[@]}" --gen-subset train --tokens-per-sample $TPS

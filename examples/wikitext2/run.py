@@ -259,7 +259,7 @@ class Pipeline:
     def sweep(self, nbrs, name, ks=KS, temps=TEMPS, lambdas=LAMBDAS, plots=False, cache=None):
         """fairseq-knnlm-sweep (in this process) -> its JSON report."""
         from fairseq_knnlm.cli import sweep as sweep_cli
-        from fairseq_knnlm.neighbors import read_neighbors
+        from fairseq_knnlm.storage.neighbors import read_neighbors
 
         saved_k = read_neighbors(str(nbrs)).k
         ks = [k for k in ks if k <= saved_k] or [saved_k]
@@ -362,7 +362,7 @@ class Pipeline:
         self.describe_dstore()
 
     def describe_dstore(self, dstore=None, rec=None):
-        from fairseq_knnlm.datastore import Datastore
+        from fairseq_knnlm.storage.datastore import Datastore
 
         dstore = dstore or self.dstore
         ds = Datastore(str(dstore))
@@ -431,7 +431,7 @@ class Pipeline:
         return sim in self.results.get(f"sweep_{split}", {})
 
     def do_dstore_size(self):
-        from fairseq_knnlm.datastore import Datastore
+        from fairseq_knnlm.storage.datastore import Datastore
 
         sizes = self.results.setdefault("dstore_size", {})
         full = Datastore(str(self.dstore))
@@ -712,7 +712,7 @@ def write_prefix_datastore(full, out_dir, n, frac, batch=100_000):
     The keys are the full pass's own keys, so entry i is exactly what a datastore
     pass over the first n tokens of train would have written."""
     import numpy as np
-    from fairseq_knnlm.datastore import DatastoreWriter
+    from fairseq_knnlm.storage.datastore import DatastoreWriter
 
     if out_dir.exists():
         shutil.rmtree(out_dir)

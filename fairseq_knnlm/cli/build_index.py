@@ -18,8 +18,8 @@ import json
 import sys
 
 from ..errors import UserError
-from ..index import DEFAULT_NLIST, DEFAULT_PQ_BYTES, INDEX_FILE, PROG, build_index
-from .common import count_at_least
+from ..index.core import DEFAULT_NLIST, DEFAULT_PQ_BYTES, INDEX_FILE, PROG, build_index
+from .common import count_at_least, run_reporting_errors
 
 
 SUMMARY_FIELDS = ("kind", "factory", "metric", "ntotal", "train_size", "train_seconds", "add_seconds",
@@ -27,7 +27,7 @@ SUMMARY_FIELDS = ("kind", "factory", "metric", "ntotal", "train_size", "train_se
 
 
 def _sharded(args) -> dict:
-    from .. import sharded_index
+    from ..index import shards as sharded_index
 
     progress = not args.quiet
     if args.merge:
@@ -122,21 +122,14 @@ def main(argv=None) -> int:
         parser.error("--dstore is required (except with --merge)")
     if args.merge and args.eval_recall and not args.dstore:
         parser.error("--merge with --eval-recall needs --dstore")
-    try:
-        if args.train_only or args.trained or args.merge:
-            meta = _sharded(args)
-        else:
-            meta = build_index(
-                args.dstore, output=args.output, factory=args.index_factory,
-                train_size=args.train_size, add_batch=args.add_batch, metric=args.metric,
-                gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.nprobe,
-                overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-                progress=not args.quiet,
-            )
-    except UserError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; rerun the same command to continue (added keys are kept)\n")
+    meta = run_reporting_errors(
+        parser, lambda: _sharded(args) if args.train_only or args.trained or args.merge else build_index(
+            args.dstore, output=args.output, factory=args.index_factory,
+            train_size=args.train_size, add_batch=args.add_batch, metric=args.metric,
+            gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.nprobe,
+            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
+            progress=not args.quiet,
+        ), interrupted="interrupted; rerun the same command to continue (added keys are kept)")
     summary = {k: meta[k] for k in SUMMARY_FIELDS if k in meta}
     if "recall" in meta:
         summary["recall"] = meta["recall"]

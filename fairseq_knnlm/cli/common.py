@@ -1,6 +1,11 @@
-"""What the command-line tools share."""
+"""What the command-line tools share: argument types and one-line error reporting."""
 
 import argparse
+from typing import Callable, TypeVar
+
+from ..errors import UserError
+
+T = TypeVar("T")
 
 
 def count_at_least(minimum: int):
@@ -13,3 +18,15 @@ def count_at_least(minimum: int):
         return value
 
     return parse
+
+
+def run_reporting_errors(parser: argparse.ArgumentParser, work: Callable[[], T],
+                         interrupted: str = "interrupted; rerun the same command") -> T:
+    """``work()``; a UserError ends the program with ``prog: error: message`` (exit 2), and
+    Ctrl-C with ``prog: <interrupted>`` (exit 130), never with a traceback."""
+    try:
+        return work()
+    except UserError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: {interrupted}\n")

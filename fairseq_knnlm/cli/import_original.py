@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
-from ..errors import UserError
-from ..importer import PROG, import_original
-from ..keys import KEYTYPES
-from .common import count_at_least
+from ..tools.importer import PROG, import_original
+from ..integration.keys import KEYTYPES
+from .common import count_at_least, run_reporting_errors
 
 
 def _first_token(text: str):
@@ -75,18 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        meta = import_original(
-            args.prefix, args.dstore_size, args.dim, args.dstore_fp16, args.path, args.data, args.dstore,
-            split=args.gen_subset, keytype=args.knn_keytype, first_token=args.first_token,
-            index_file=args.indexfile, nprobe=args.probe, self_recall_queries=args.self_recall_queries,
-            self_recall_k=args.self_recall_k, min_self_recall=args.min_self_recall, seed=args.seed,
-            overwrite=args.dstore_overwrite, progress=not args.quiet,
-        )
-    except UserError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; rerun the same command (with --dstore-overwrite if --dstore was already written)\n")
+    meta = run_reporting_errors(parser, lambda: import_original(
+        args.prefix, args.dstore_size, args.dim, args.dstore_fp16, args.path, args.data, args.dstore,
+        split=args.gen_subset, keytype=args.knn_keytype, first_token=args.first_token,
+        index_file=args.indexfile, nprobe=args.probe, self_recall_queries=args.self_recall_queries,
+        self_recall_k=args.self_recall_k, min_self_recall=args.min_self_recall, seed=args.seed,
+        overwrite=args.dstore_overwrite, progress=not args.quiet,
+    ), interrupted="interrupted; rerun the same command (with --dstore-overwrite if --dstore was already written)")
     imported = meta["imported_from"]
     summary = dict(dstore=args.dstore, size=meta["size"], dim=meta["dim"], first_token=meta["first_token"],
                    vals_wrong=imported["vals_wrong"], vals_rebuilt=imported["vals_rebuilt"],

@@ -10,9 +10,8 @@ import argparse
 import json
 import sys
 
-from ..errors import UserError
-from ..prune import PROG, prune_datastore
-from .common import count_at_least
+from ..tools.prune import PROG, prune_datastore
+from .common import count_at_least, run_reporting_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        summary = prune_datastore(
-            args.dstore, args.output, index=args.index, k=args.k, nprobe=args.nprobe,
-            batch_size=args.batch_size, overwrite=args.overwrite,
-            checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-        )
-    except UserError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; rerun the same command to continue (progress is kept)\n")
+    summary = run_reporting_errors(parser, lambda: prune_datastore(
+        args.dstore, args.output, index=args.index, k=args.k, nprobe=args.nprobe,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+    ), interrupted="interrupted; rerun the same command to continue (progress is kept)")
     print(json.dumps(summary, sort_keys=True))
     return 0
 

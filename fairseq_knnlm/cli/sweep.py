@@ -16,11 +16,11 @@ import time
 import numpy as np
 
 from .. import sweep as sw
-from ..adaptive import FEATURE_HELP
-from ..errors import UserError
-from .sweep_inputs import load_inputs
-from .sweep_plots import save_plots, save_retrieval_plot
-from .sweep_report import (
+from ..retrieval.adaptive import FEATURE_HELP
+from ..sweep.inputs import load_inputs
+from .common import run_reporting_errors
+from ..sweep.plots import save_plots, save_retrieval_plot
+from ..sweep.report import (
     print_adaptive,
     print_best,
     print_cache,
@@ -229,10 +229,7 @@ def run(args, out=None) -> dict:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
+    run_reporting_errors(parser, lambda: run(args))
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..adaptive import FEATURE_NAMES, RetrievalPredictor, fit_predictor, fraction_thresholds
+from ..retrieval.adaptive import FEATURE_NAMES, RetrievalPredictor, fit_predictor, fraction_thresholds
 from .grid import SweepError
 from .perplexity import PplStat, eval_lm_perplexity, interpolated, segment_starts
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..cache import cache_log_probs, check_cache_values, default_chunk_rows, interpolate_cache
+from ..scoring.cache import cache_log_probs, check_cache_values, default_chunk_rows, interpolate_cache
 from .grid import SweepError
 from .perplexity import PplStat, eval_lm_perplexity, interpolated, segment_starts
 from .threads import run_in_chunks, single_torch_thread

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import knn_math
+from ..scoring import knn_math
 from .grid import check_grid
 from .threads import run_in_chunks
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import knn_math
+from ..scoring import knn_math
 from .knn_table import KnnTable
 from .threads import single_torch_thread
 

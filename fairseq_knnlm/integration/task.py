@@ -2,29 +2,25 @@
 
 Without kNN flags it behaves exactly like ``language_modeling``.  With
 ``--save-knnlm-dstore`` or ``--knnlm`` it makes the stock ``fairseq-eval-lm``
-score with :class:`~fairseq_knnlm.scorer.KNNSequenceScorer`.
+score with :class:`~fairseq_knnlm.integration.scorer.KNNSequenceScorer`.
 """
 
 import logging
 import os
-import sys
-from dataclasses import dataclass, field
-from typing import Optional
 
 from fairseq.data import iterators
 from fairseq.data import LMContextWindowDataset
-from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
-from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from . import knn_math
-from .adaptive import check_retrieval_flags, load_for_run
-from .cache import cache_enabled, check_cache_flags, check_context_window
-from .distributed_search import check_distributed_flags
-from .errors import UserError
-from .overlap import check_overlap_flags
-from .search_params import set_threads
-from .datastore import (
+from ..scoring import knn_math
+from ..retrieval.adaptive import check_retrieval_flags, load_for_run
+from ..scoring.cache import cache_enabled, check_cache_flags, check_context_window
+from ..retrieval.distributed import check_distributed_flags
+from ..errors import UserError, install_excepthook
+from ..retrieval.overlap import check_overlap_flags
+from ..index.search_params import set_threads
+from ..storage.datastore import (
     Datastore,
     DatastoreError,
     check_can_write,
@@ -32,130 +28,11 @@ from .datastore import (
     file_sha256,
     shard_dirname,
 )
-from .keys import KEYTYPES, KeyCapture, check_keytype, key_dim
+from .config import KNNLanguageModelingConfig
+from .eval_loop import EvalLoopHooks, install_scorer
+from .keys import KeyCapture, check_keytype, key_dim
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KNNLanguageModelingConfig(LanguageModelingConfig):
-    # Datastore pass
-    save_knnlm_dstore: bool = field(
-        default=False,
-        metadata={"help": "write the datastore (context key, next token) of --gen-subset to --dstore"},
-    )
-    dstore: Optional[str] = field(
-        default=None, metadata={"help": "datastore directory (written by --save-knnlm-dstore, read by --knnlm)"}
-    )
-    knn_keytype: ChoiceEnum(KEYTYPES) = field(
-        default="last_ffn_input",
-        metadata={"help": "hidden state used as key: last_ffn_input (paper's best) or last_layer_output"},
-    )
-    dstore_fp16: bool = field(default=False, metadata={"help": "store keys as float16"})
-    dstore_overwrite: bool = field(
-        default=False, metadata={"help": "replace an existing complete datastore at --dstore"}
-    )
-    # kNN-LM evaluation
-    knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with kNN retrieval from --dstore"})
-    knn_index: Optional[str] = field(
-        default=None, metadata={"help": "FAISS index of the datastore (default: DSTORE/knn.index), or a "
-                                "directory of index shards (fairseq-knnlm-build-index --trained ...), searched in place"}
-    )
-    knn_index_mmap: bool = field(
-        default=False, metadata={"help": "memory-map the index's inverted lists instead of reading them into "
-                                 "RAM (same results; merged sharded indexes are always on disk)"}
-    )
-    k: int = field(default=1024, metadata={"help": "number of neighbours retrieved"})
-    lmbda: float = field(default=0.25, metadata={"help": "kNN interpolation weight λ"})
-    probe: int = field(default=32, metadata={"help": "nprobe: IVF lists visited per search"})
-    knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature over -distances"})
-    knn_sim_func: ChoiceEnum(knn_math.SIM_FUNCS) = field(
-        default="faiss",
-        metadata={"help": "faiss: the index's distances; l2: exact squared L2 from stored keys; ip: inner product"},
-    )
-    dstore_in_memory: bool = field(default=False, metadata={"help": "load keys and values into RAM"})
-    knn_check_datastore: bool = field(
-        default=False,
-        metadata={"help": "scan every value (and count) of --dstore against the dictionary and every key for "
-                  "NaN/inf at start-up; without it, stores above 16M entries trust the ranges their writer "
-                  "recorded (smaller ones are always scanned)"},
-    )
-    knn_gpu: bool = field(default=False, metadata={"help": "search the index on all visible GPUs"})
-    knn_distributed_index: bool = field(
-        default=False,
-        metadata={"help": "under fairseq's distributed launch, rank r of W holds the pieces i % W == r of the "
-                  "--knn-index directory and every batch is searched over all ranks' pieces (same results as "
-                  "searching them in one process)"},
-    )
-    # Search speed (search_params.py, overlap.py)
-    knn_faiss_params: Optional[str] = field(
-        default=None,
-        metadata={"help": "FAISS search parameters in ParameterSpace syntax, applied after --probe, e.g. "
-                  "quantizer_efSearch=64 (HNSW coarse quantizer), k_factor_rf=4 (RFlat refine), ht=..."},
-    )
-    knn_candidates: Optional[int] = field(
-        default=None,
-        metadata={"help": "search N >= k candidates and keep the k nearest by exact distance "
-                  "(needs --knn-sim-func l2 or ip; default: k, i.e. no re-ranking)"},
-    )
-    knn_faiss_threads: Optional[int] = field(
-        default=None, metadata={"help": "OpenMP threads of FAISS searches (default: FAISS's, OMP_NUM_THREADS)"}
-    )
-    knn_torch_threads: Optional[int] = field(
-        default=None, metadata={"help": "torch threads of the model (torch.set_num_threads; default: torch's)"}
-    )
-    knn_overlap: bool = field(
-        default=False,
-        metadata={"help": "search each batch in a worker thread while the model computes the next "
-                  "(fairseq-eval-lm; same results as without)"},
-    )
-    knn_save_neighbors: Optional[str] = field(
-        default=None, metadata={"help": "save every scored token's neighbours here for fairseq-knnlm-sweep"}
-    )
-    knn_save_neighbors_fp16: bool = field(default=False, metadata={"help": "store saved distances as float16"})
-    knn_save_neighbors_overwrite: bool = field(
-        default=False, metadata={"help": "replace an existing --knn-save-neighbors file"}
-    )
-    # Adaptive retrieval (adaptive.py)
-    knn_retrieval_predictor: Optional[str] = field(
-        default=None,
-        metadata={"help": "search only the tokens this predictor (fairseq-knnlm-sweep --save-predictor) "
-                  "selects from the LM's own distribution; the others keep the LM's probability"},
-    )
-    knn_retrieval_fraction: Optional[float] = field(
-        default=None,
-        metadata={"help": "with --knn-retrieval-predictor: search the fraction of tokens it was tuned for "
-                  "(one of the fractions saved in the file; 1 = every token, 0 = none)"},
-    )
-    knn_retrieval_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "with --knn-retrieval-predictor: search tokens whose predictor score is at "
-                  "least this (instead of --knn-retrieval-fraction)"},
-    )
-    # Pointers between consecutive entries, RetoMaton (pointers.py)
-    knn_pointers: bool = field(
-        default=False,
-        metadata={"help": "score a token with the successors (entry i+1) of the previous token's neighbours "
-                  "whose value was the observed token, searching only when too few remain"},
-    )
-    knn_pointer_min_candidates: int = field(
-        default=64,
-        metadata={"help": "with --knn-pointers: search when fewer than this many candidates remain "
-                  "(above --k: every token is searched, as without pointers)"},
-    )
-    # Continuous cache of the evaluated text (cache.py)
-    knn_cache_size: int = field(
-        default=0,
-        metadata={"help": "continuous cache (Grave et al., 2017): also predict each token from the keys and next "
-                  "tokens of the N scored tokens before it, in corpus order (0: no cache); with or without --knnlm"},
-    )
-    knn_cache_theta: float = field(
-        default=0.3, metadata={"help": "cache flatness θ: entry i weighs exp(θ · key_t · key_i) (0: all the same)"}
-    )
-    knn_cache_lmbda: float = field(
-        default=0.1,
-        metadata={"help": "cache interpolation weight λ_c: p = (1 - λ_c) · p_kNN-LM (or p_LM) + λ_c · p_cache"},
-    )
 
 
 def _planned_sharding(cfg):
@@ -179,6 +56,13 @@ def _root_config(cfg):
 class KNNLanguageModelingTask(LanguageModelingTask):
     """language_modeling with a kNN-LM datastore pass and kNN-LM scoring."""
 
+    @classmethod
+    def add_args(cls, parser):
+        # Only fairseq's CLIs parse a task's options: from here on our UserErrors end
+        # them with one line (the hub and library users keep ordinary exceptions).
+        install_excepthook()
+        super().add_args(parser)
+
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.datastore = None
@@ -194,7 +78,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         check_distributed_flags(args)
         self.pointers = None  # --knn-pointers (pointers.py)
         if getattr(args, "knn_pointers", False):
-            from .pointers import check_pointer_flags
+            from ..retrieval.pointers import check_pointer_flags
 
             check_pointer_flags(args)
         check_cache_flags(args, _planned_sharding(args)[0] if cache_enabled(args) else 1)
@@ -226,7 +110,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             return
         knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp)
         if args.knn_save_neighbors:
-            from .neighbors import NeighborsError
+            from ..storage.neighbors import NeighborsError
 
             self.num_shards, self.shard_id = _planned_sharding(args)
             check_can_write(
@@ -251,13 +135,13 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 "binarize the data with the model's dict.txt and rebuild the datastore"
             )
         self.datastore.check_values(len(self.dictionary), full=args.knn_check_datastore)
-        from .index import default_index_path
-        from .retriever import KNNRetriever
-        from .sharded_index import open_index
+        from ..index.core import default_index_path
+        from ..retrieval.retriever import KNNRetriever
+        from ..index.shards import open_index
 
         index_path = args.knn_index or default_index_path(args.dstore)
         if args.knn_distributed_index:
-            from .distributed_search import open_distributed_retriever
+            from ..retrieval.distributed import open_distributed_retriever
 
             self.retriever = open_distributed_retriever(args, self.datastore, index_path)
         else:
@@ -271,7 +155,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if args.knn_retrieval_predictor:
             self._load_retrieval_predictor(args)
         if args.knn_pointers:
-            from .pointers import build_pointers
+            from ..retrieval.pointers import build_pointers
 
             self.pointers = build_pointers(args, self.datastore, self.retriever, index_path)
 
@@ -374,13 +258,13 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if not (self.args.save_knnlm_dstore or self.args.knnlm or cache_enabled(self.args)):
             return itr
         if self.args.knn_overlap:
-            from .overlap import Lookahead
+            from ..retrieval.overlap import Lookahead
 
             itr = self.lookahead = Lookahead(itr)
         # Only the running eval-lm gets our scorer (not the hub or generation in the
         # same process), and only until its loop ends.
-        restore = _install_scorer(self)
-        return _EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm,
+        restore = install_scorer(self)
+        return EvalLoopHooks(itr, on_start=self._check_scorer_installed, on_end=self.finish_eval_lm,
                               on_exit=restore)
 
     def _contiguous_shard(
@@ -462,62 +346,3 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             serve()
         if self.active_scorer is not None:
             self.active_scorer.finish()
-
-
-class _EvalLoopHooks:
-    """Iterates like ``itr`` (and has its length); calls ``on_start`` before the
-    first batch, ``on_end`` once it is exhausted and ``on_exit`` however the loop ends."""
-
-    def __init__(self, itr, on_start, on_end, on_exit=None):
-        self.itr = itr
-        self.on_start = on_start
-        self.on_end = on_end
-        self.on_exit = on_exit
-
-    def __len__(self):
-        return len(self.itr)
-
-    def __iter__(self):
-        try:
-            self.on_start()
-            yield from self.itr
-            self.on_end()
-        finally:
-            if self.on_exit is not None:
-                self.on_exit()
-
-
-def _install_scorer(task):
-    """Make the running fairseq-eval-lm build our scorer instead of SequenceScorer;
-    returns the function that puts fairseq's back.
-
-    fairseq_cli.eval_lm looks the name ``SequenceScorer`` up in its module
-    globals when it builds the scorer (after asking for the data loader), so
-    rebinding it there is enough.
-    """
-    from .scorer import KNNSequenceScorer
-
-    def make_scorer(tgt_dict, softmax_batch=None, **kwargs):
-        scorer = KNNSequenceScorer(tgt_dict, softmax_batch, task=task, **kwargs)
-        task.active_scorer = scorer
-        return scorer
-
-    namespaces = [vars(m) for m in map(sys.modules.get, ("fairseq_cli.eval_lm", "__main__")) if m is not None]
-    # eval-lm run without a module of its own (runpy without alter_sys, as
-    # under ``python -m cProfile -m fairseq_cli.eval_lm``): its globals are on the stack.
-    frame = sys._getframe()
-    while frame is not None:
-        namespaces.append(frame.f_globals)
-        frame = frame.f_back
-    patched = []
-    for namespace in namespaces:
-        if "SequenceScorer" in namespace and callable(namespace.get("eval_lm")):
-            patched.append((namespace, namespace["SequenceScorer"]))
-            namespace["SequenceScorer"] = make_scorer
-
-    def restore():
-        for namespace, original in reversed(patched):
-            if namespace.get("SequenceScorer") is make_scorer:
-                namespace["SequenceScorer"] = original
-
-    return restore

@@ -25,10 +25,10 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ivf_tools import replace_ivf_quantizer
 from tqdm import tqdm
 
-from .datastore import Datastore, RowConcat, write_json_atomic
-from .errors import UserError
+from ..storage.datastore import Datastore, RowConcat, write_json_atomic
+from ..errors import UserError
 from .search_params import apply_faiss_params
-from .validate import (
+from ..storage.validate import (
     COUNT, NAMED_ENTRIES, POSITIVE, check_fields, nonfinite_keys_message, nonfinite_rows, read_json_object,
 )
 

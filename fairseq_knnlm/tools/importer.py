@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .datastore import (
+from ..storage.datastore import (
     EXTERNAL_KEYS,
     FORMAT_VERSION,
     META_FILE,
@@ -42,8 +42,8 @@ from .datastore import (
     sampled_rows_sha256,
     write_json_atomic,
 )
-from .errors import UserError
-from .keys import check_keytype, key_dim
+from ..errors import UserError
+from ..integration.keys import check_keytype, key_dim
 
 PROG = "fairseq-knnlm-import"
 ORIGINAL = "urvashik/knnlm"
@@ -281,7 +281,7 @@ def import_original(
 ) -> Dict:
     """Import the original's ``PREFIX_keys.npy``/``PREFIX_vals.npy`` (and index) as
     a datastore at ``output``; returns its metadata (with ``index`` when adopted)."""
-    from .index import INDEX_FILE, adopt_index, format_self_recall, meta_path, read_foreign_index, self_recall
+    from ..index.core import INDEX_FILE, adopt_index, format_self_recall, meta_path, read_foreign_index, self_recall
 
     started = time.monotonic()
     check_keytype(keytype)

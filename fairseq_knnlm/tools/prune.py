@@ -26,14 +26,14 @@ from typing import Callable, Dict, Optional
 import numpy as np
 from tqdm import tqdm
 
-from .datastore import (
+from ..storage.datastore import (
     Datastore,
     DatastoreWriter,
     check_can_write,
     write_json_atomic,
 )
-from .errors import UserError
-from .index import KeyReader, default_index_path, load_index
+from ..errors import UserError
+from ..index.core import KeyReader, default_index_path, load_index
 
 PROG = "fairseq-knnlm-prune"
 STATE_SUFFIX = ".prune-state"

@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import torch
 
-from .datastore import Datastore
-from .errors import UserError
-from .search_params import check_candidates
+from ..storage.datastore import Datastore
+from ..errors import UserError
+from ..index.search_params import check_candidates
 
 # Neighbour-key floats gathered at once when the keys cannot be read in place
 # (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 SIM_FUNCS = ("faiss", "l2", "ip")
 

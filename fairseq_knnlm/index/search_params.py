@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import faiss
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class SearchParamsError(UserError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import sweep as sw
-from ..neighbors import read_neighbors
+from ..storage.neighbors import read_neighbors
 
 # Fields two neighbours files must share to be fit on one and evaluated on the other.
 SAME_RUN_FIELDS = ("sim_func", "dstore_fingerprint", "checkpoint_sha256", "dictionary_md5", "keytype")
@@ -16,7 +16,7 @@ SAME_RUN_FIELDS = ("sim_func", "dstore_fingerprint", "checkpoint_sha256", "dicti
 def load_dictionary(path: str, meta: dict):
     from fairseq.data import Dictionary
 
-    from ..datastore import dictionary_md5
+    from ..storage.datastore import dictionary_md5
 
     try:
         dictionary = Dictionary.load(path)
@@ -33,9 +33,9 @@ def load_dictionary(path: str, meta: dict):
 def frequency_counts(path: str, meta: dict, out):
     """(counts per token id, description)."""
     if os.path.isdir(path):
-        from ..datastore import Datastore, DatastoreError
+        from ..storage.datastore import Datastore, DatastoreError
 
-        from ..neighbors import KIND, META_FILE
+        from ..storage.neighbors import KIND, META_FILE
 
         try:
             with open(os.path.join(path, META_FILE)) as f:

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 

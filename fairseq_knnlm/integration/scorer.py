@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from fairseq import utils as fairseq_utils
 
-from . import adaptive, knn_math
-from .cache import make_cache
-from .datastore import DatastoreWriter
-from .errors import UserError
+from ..retrieval import adaptive
+from ..scoring import knn_math
+from ..scoring.cache import make_cache
+from ..storage.datastore import DatastoreWriter
+from ..errors import UserError
 from .keys import KeyCapture
 
 logger = logging.getLogger(__name__)
@@ -147,8 +148,8 @@ class KNNSequenceScorer:
         """--knn-overlap: this batch's search step runs in a worker thread while the
         model prepares the next batch (kept for the next call); same results."""
         if self.overlap is None:
-            from .overlap import SearchOverlap
-            from .search_params import thread_setter
+            from ..retrieval.overlap import SearchOverlap
+            from ..index.search_params import thread_setter
 
             peek = self.task.lookahead.peek if self.task.lookahead is not None else (lambda: None)
             self.overlap = SearchOverlap(peek, key=lambda s: tuple(s["id"].tolist()), thread_init=thread_setter())
@@ -252,7 +253,7 @@ class KNNSequenceScorer:
                          queries=None):
         keys = queries if self.cache is not None else None  # what the cache sweep needs, only then
         if self.neighbors_writer is None:
-            from .neighbors import NeighborsWriter
+            from ..storage.neighbors import NeighborsWriter
 
             info = self.task.run_info()
             info.update(

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 KEYTYPES = ("last_ffn_input", "last_layer_output")
 

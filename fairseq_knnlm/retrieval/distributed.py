@@ -45,7 +45,7 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .retriever import KNNRetriever
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def open_distributed_retriever(args, datastore, index_path: str) -> "Distributed
     """This rank's pieces of the directory ``index_path``, as a DistributedRetriever."""
     import torch.distributed as dist
 
-    from .sharded_index import find_shards, open_index
+    from ..index.shards import find_shards, open_index
 
     check_distributed_flags(args)
     if not os.path.isdir(str(index_path)):
@@ -170,8 +170,8 @@ def open_distributed_retriever(args, datastore, index_path: str) -> "Distributed
 def on_this_gpu(index: faiss.Index) -> faiss.Index:
     """``index`` (or each piece of an IndexShards) copied to this rank's GPU,
     torch.cuda.current_device(): one GPU per rank, as fairseq assigns them."""
-    from .index import _check_gpu
-    from .sharded_index import piece_to_gpu
+    from ..index.core import _check_gpu
+    from ..index.shards import piece_to_gpu
 
     _check_gpu()
     device = torch.cuda.current_device()

@@ -32,9 +32,9 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from .datastore import Datastore, write_json_atomic
-from .errors import UserError
-from .index import (
+from ..storage.datastore import Datastore, write_json_atomic
+from ..errors import UserError
+from .core import (
     FORMAT_VERSION, INDEX_FILE, MIN_POINTS_PER_CENTROID, PROG, IndexBuildError, IndexMismatchError,
     KeyReader, _add_keys, _call_with_clock, _check_gpu, _faiss_message, _finish, _ivf, _log,
     _open_datastore, _positive, _remove, _train, _write_index_atomic, default_factory,
@@ -396,7 +396,7 @@ def open_index(index_path: str, datastore, nprobe: Optional[int] = None, gpu: bo
                shard_ids: Optional[Sequence[int]] = None) -> Tuple[faiss.Index, Dict]:
     """The index ``--knn-index`` names: a whole or merged index file, or a
     directory of index shards (all of them, or ``shard_ids``)."""
-    from .index import load_index
+    from .core import load_index
 
     if os.path.isdir(str(index_path)):
         return load_index_shards(index_path, datastore, shard_ids, nprobe, faiss_params, mmap, gpu)

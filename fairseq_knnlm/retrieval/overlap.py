@@ -20,7 +20,7 @@ number of threads could round differently).
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterable, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 _END = object()
 

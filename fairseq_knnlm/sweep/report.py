@@ -154,7 +154,7 @@ def print_retrieval(rep: sw.RetrievalReport, out) -> dict:
 
 def print_cache(res: sw.CacheSweep, out, seconds: float = 0.0) -> dict:
     """Base LM, + cache, + kNN and + kNN + cache, each at its best setting of the grid."""
-    from ..sweep.cache import ROW_NAMES, flags
+    from .cache import ROW_NAMES, flags
 
     print(f"\ncontinuous cache at k = {res.k}, T = {res.knn_temp:g}: p = (1 - λc) · p_kNN-LM + λc · p_cache "
           f"(sizes {', '.join(map(str, res.sizes))}; θ {', '.join(f'{t:g}' for t in res.thetas)}; "
