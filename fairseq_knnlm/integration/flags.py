@@ -114,7 +114,8 @@ POINTERS = Use("--knn-pointers", _given("knn_pointers"))
 CACHE = Use("--knn-cache-size", lambda cfg, run: int(cfg.knn_cache_size or 0) > 0)  # 0: no cache
 OVERLAP = Use("--knn-overlap", _given("knn_overlap"))
 RERANK = Use("--knn-candidates N > --k",
-             lambda cfg, run: cfg.knn_candidates is not None and cfg.knn_candidates > cfg.k, flag="--knn-candidates")
+             lambda cfg, run: KNNLM.on(cfg, run) and cfg.knn_candidates is not None and cfg.knn_candidates > cfg.k,
+             flag="--knn-candidates")
 EXACT = Use("--knn-sim-func l2 or ip", lambda cfg, run: str(cfg.knn_sim_func) in ("l2", "ip"))
 SHARDED = Use("--num-shards > 1 or distributed evaluation", lambda cfg, run: run.num_shards > 1, "num_shards")
 CONTEXT = Use("--context-window N > 0 (fairseq-eval-lm)", lambda cfg, run: run.context_window > 0,
