@@ -22,7 +22,6 @@ from fairseq_knnlm.retrieval.adaptive import (
     FEATURE_NAMES,
     RetrievalPredictor,
     RetrievalPredictorError,
-    check_retrieval_flags,
     fit_predictor,
     fraction_thresholds,
 )
@@ -134,27 +133,6 @@ def test_predictor_file_round_trip_and_one_line_refusals(tmp_path):
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(RetrievalPredictorError, match="fairseq-knnlm-sweep --save-predictor"):
             RetrievalPredictor.load(str(bad))
-
-
-def test_flag_combinations_no_run_can_use_are_refused():
-    def args(**kw):
-        base = dict(knnlm=True, knn_save_neighbors=None, knn_retrieval_predictor="p.json",
-                    knn_retrieval_fraction=0.5, knn_retrieval_threshold=None)
-        return types.SimpleNamespace(**dict(base, **kw))
-
-    check_retrieval_flags(args())
-    check_retrieval_flags(args(knn_retrieval_predictor=None, knn_retrieval_fraction=None))
-    for kw, fragment in (
-        (dict(knnlm=False), "needs --knnlm"),
-        (dict(knn_save_neighbors="x.nbrs"), "without --knn-retrieval-predictor"),
-        (dict(knn_retrieval_threshold=0.1), "give one of"),
-        (dict(knn_retrieval_fraction=None), "give one of"),
-        (dict(knn_retrieval_fraction=1.5), "[0, 1]"),
-        (dict(knn_retrieval_predictor=None), "need --knn-retrieval-predictor"),
-    ):
-        with pytest.raises(RetrievalPredictorError) as err:
-            check_retrieval_flags(args(**kw))
-        assert fragment in str(err.value)
 
 
 def test_neighbours_files_keep_features_and_old_files_still_read(tmp_path, capsys):

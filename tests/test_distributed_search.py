@@ -14,7 +14,7 @@ import torch
 from conftest import USER_DIR, eval_lm, perplexity_line, run
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
 from fairseq_knnlm.retrieval.distributed import (
-    DistributedSearchError, check_distributed_flags, merge_candidates, merge_order, open_distributed_retriever,
+    DistributedSearchError, check_process_group, merge_candidates, merge_order, open_distributed_retriever,
     pieces_of_rank, record_dtype, rerank_order,
 )
 from fairseq_knnlm.index import build_index, load_index
@@ -110,15 +110,9 @@ def test_merge_candidates_reranks_like_the_retriever():
     assert pieces_of_rank(5, 1, 2) == [1, 3] and pieces_of_rank(5, 0, 2) == [0, 2, 4]
 
 
-def test_start_up_refusals_without_a_process_group():
-    args = SimpleNamespace(knn_distributed_index=True, knnlm=True, knn_pointers=False)
+def test_start_up_refusal_without_a_process_group():
     with pytest.raises(DistributedSearchError, match="needs fairseq's distributed launch"):
-        check_distributed_flags(args)
-    with pytest.raises(DistributedSearchError, match="--knn-pointers"):
-        check_distributed_flags(SimpleNamespace(**dict(vars(args), knn_pointers=True)))
-    with pytest.raises(DistributedSearchError, match="it needs --knnlm"):
-        check_distributed_flags(SimpleNamespace(**dict(vars(args), knnlm=False)))
-    check_distributed_flags(SimpleNamespace(knn_distributed_index=False))
+        check_process_group()
 
 
 # ---------------------------------------------------------------- (b) 2 gloo ranks

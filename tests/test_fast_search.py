@@ -124,14 +124,6 @@ def test_candidates_keep_the_exact_nearest(tiny_datastore, fast_scan_index):
     want_vals = ds.vals[np.take_along_axis(ids, order, 1)]
     assert np.mean(vals.numpy() == want_vals) > 0.99  # float32 vs float64 may swap near-ties
 
-    for candidates, sim_func, message in [
-        (k - 1, "l2", "is below --k"),
-        (n, "faiss", "add --knn-sim-func l2"),
-        (ds.size + 1, "l2", "exceeds the datastore"),
-    ]:
-        with pytest.raises(SearchParamsError, match=message):
-            KNNRetriever(ds, index, meta, k, sim_func, candidates=candidates)
-
 
 def test_search_overlap_equals_sequential_in_process(tiny_datastore, fast_scan_index):
     """The pipeline alone: batch i searched in the worker while batch i+1 is prepared."""

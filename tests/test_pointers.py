@@ -25,7 +25,6 @@ from fairseq_knnlm.retrieval.pointers import (
     PointerError,
     build_pointers,
     check_datastore,
-    check_pointer_flags,
     follow,
     index_distances,
     last_entries,
@@ -67,15 +66,6 @@ def test_rank_candidates_sorts_by_distance_then_candidate_order():
     rd, ri, rv = rank_candidates(d, ids, vals)
     assert ri.tolist() == [[11, 12, 10, -1]] and rv.tolist() == [[6, 7, 5, -1]]
     assert rd.tolist() == [[1.0, 1.0, 3.0, np.inf]]
-
-
-def test_flag_refusals_are_one_line_errors():
-    args = types.SimpleNamespace(knn_pointers=True, knnlm=True, knn_pointer_min_candidates=0)
-    with pytest.raises(PointerError, match="at least 1"):
-        check_pointer_flags(args)
-    args.knn_pointer_min_candidates, args.knnlm = 4, False
-    with pytest.raises(PointerError, match="needs --knnlm"):
-        check_pointer_flags(args)
 
 
 def test_a_pruned_datastore_is_refused(tmp_path):

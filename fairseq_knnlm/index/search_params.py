@@ -62,15 +62,8 @@ def apply_faiss_params(index: faiss.Index, text: Optional[str]) -> None:
             ) from None
 
 
-def check_threads(faiss_threads: Optional[int], torch_threads: Optional[int]) -> None:
-    for flag, value in (("--knn-faiss-threads", faiss_threads), ("--knn-torch-threads", torch_threads)):
-        if value is not None and value < 1:
-            raise SearchParamsError(f"{flag} must be at least 1, got {value}")
-
-
 def set_threads(faiss_threads: Optional[int], torch_threads: Optional[int]) -> None:
     """Thread counts of this thread's FAISS searches and of torch; None leaves one unchanged."""
-    check_threads(faiss_threads, torch_threads)
     if faiss_threads is not None:
         faiss.omp_set_num_threads(int(faiss_threads))
     if torch_threads is not None:
@@ -96,21 +89,3 @@ def thread_setter():
         torch.set_num_threads(torch_threads)
 
     return apply
-
-
-def check_candidates(candidates: Optional[int], k: int, sim_func: str, dstore_size: int) -> int:
-    """The number of candidates searched for ``--knn-candidates`` (default k), checked."""
-    if candidates is None:
-        return k
-    if candidates < k:
-        raise SearchParamsError(f"--knn-candidates {candidates} is below --k {k}; give at least k")
-    if candidates > k and sim_func not in ("l2", "ip"):
-        raise SearchParamsError(
-            f"--knn-candidates {candidates} re-ranks by exact distances: add --knn-sim-func l2 "
-            "(or ip for inner-product indexes), or drop --knn-candidates"
-        )
-    if candidates > dstore_size:
-        raise SearchParamsError(
-            f"--knn-candidates {candidates} exceeds the datastore's {dstore_size} entries; lower it"
-        )
-    return int(candidates)

@@ -1,4 +1,7 @@
-"""The task's options: fairseq's language_modeling options plus every kNN-LM flag."""
+"""The task's options: fairseq's language_modeling options plus every kNN-LM flag.
+
+Which of them combine, and the values they take, are checked by :mod:`.flags`.
+"""
 
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,7 +32,11 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         default=False, metadata={"help": "replace an existing complete datastore at --dstore"}
     )
     # kNN-LM evaluation
-    knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with kNN retrieval from --dstore"})
+    knnlm: bool = field(
+        default=False,
+        metadata={"help": "interpolate the LM with kNN retrieval from --dstore (README.md, 'Which options "
+                  "combine': what each option needs and excludes)"},
+    )
     knn_index: Optional[str] = field(
         default=None, metadata={"help": "FAISS index of the datastore (default: DSTORE/knn.index), or a "
                                 "directory of index shards (fairseq-knnlm-build-index --trained ...), searched in place"}
@@ -40,7 +47,11 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
     )
     k: int = field(default=1024, metadata={"help": "number of neighbours retrieved"})
     lmbda: float = field(default=0.25, metadata={"help": "kNN interpolation weight λ"})
-    probe: int = field(default=32, metadata={"help": "nprobe: IVF lists visited per search"})
+    probe: Optional[int] = field(
+        default=None,
+        metadata={"help": "nprobe: IVF lists visited per search (default: the nprobe saved in the index by "
+                  "fairseq-knnlm-build-index, 32 unless built with another --nprobe)"},
+    )
     knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature over -distances"})
     knn_sim_func: ChoiceEnum(knn_math.SIM_FUNCS) = field(
         default="faiss",

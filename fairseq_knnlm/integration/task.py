@@ -13,12 +13,9 @@ from fairseq.data import LMContextWindowDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from ..scoring import knn_math
-from ..retrieval.adaptive import check_retrieval_flags, load_for_run
-from ..scoring.cache import cache_enabled, check_cache_flags, check_context_window
-from ..retrieval.distributed import check_distributed_flags
+from ..retrieval.adaptive import load_for_run
+from ..scoring.cache import cache_enabled
 from ..errors import UserError, install_excepthook
-from ..retrieval.overlap import check_overlap_flags
 from ..index.search_params import set_threads
 from ..storage.datastore import (
     Datastore,
@@ -30,7 +27,8 @@ from ..storage.datastore import (
 )
 from .config import KNNLanguageModelingConfig
 from .eval_loop import EvalLoopHooks, install_scorer
-from .keys import KeyCapture, check_keytype, key_dim
+from .flags import check_against_datastore, check_flags
+from .keys import KeyCapture, key_dim
 
 logger = logging.getLogger(__name__)
 
@@ -74,29 +72,16 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self.context_window, self.num_shards, self.shard_id = 0, 1, 0
         self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (overlap.py)
         self.retrieval_predictor, self.retrieval_threshold = None, None
-        check_retrieval_flags(args)
-        check_distributed_flags(args)
         self.pointers = None  # --knn-pointers (pointers.py)
-        if getattr(args, "knn_pointers", False):
-            from ..retrieval.pointers import check_pointer_flags
-
-            check_pointer_flags(args)
-        check_cache_flags(args, _planned_sharding(args)[0] if cache_enabled(args) else 1)
+        check_flags(args, num_shards=_planned_sharding(args)[0])
         if args.save_knnlm_dstore or args.knnlm:
-            self._check_flags(args)
+            self._set_up(args)
         elif cache_enabled(args):  # LM + continuous cache: the scorer without a datastore
-            check_keytype(args.knn_keytype)
-            check_overlap_flags(args)
             set_threads(args.knn_faiss_threads, args.knn_torch_threads)
 
     # ------------------------------------------------------------------ set-up
-    def _check_flags(self, args):
-        if args.save_knnlm_dstore and args.knnlm:
-            raise UserError("--save-knnlm-dstore and --knnlm are separate passes; give one")
-        if not args.dstore:
-            raise UserError("--dstore DIR is required with --save-knnlm-dstore and --knnlm")
-        check_keytype(args.knn_keytype)
-        check_overlap_flags(args)
+    def _set_up(self, args):
+        """The datastore pass's output, or the kNN-LM's datastore, index and retriever."""
         set_threads(args.knn_faiss_threads, args.knn_torch_threads)
         if args.save_knnlm_dstore:
             self.num_shards, self.shard_id = _planned_sharding(args)
@@ -108,7 +93,6 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                     )
             check_can_write(self.dstore_output_dir(), args.dstore_overwrite)
             return
-        knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp)
         if args.knn_save_neighbors:
             from ..storage.neighbors import NeighborsError
 
@@ -118,11 +102,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 what="neighbours file", option="--knn-save-neighbors",
                 overwrite_flag="--knn-save-neighbors-overwrite", error=NeighborsError,
             )
-        if args.probe < 1:
-            raise UserError(f"--probe must be at least 1, got {args.probe}")
         self.datastore = Datastore(args.dstore, in_memory=args.dstore_in_memory)
         meta = self.datastore.meta
-        knn_math.check_hyperparameters(args.k, args.lmbda, args.knn_temp, self.datastore.size)
+        check_against_datastore(args, self.datastore.size)
         if meta.get("keytype") != str(args.knn_keytype):
             raise DatastoreError(
                 f"datastore {args.dstore} holds {meta.get('keytype')} keys but --knn-keytype is "
@@ -236,8 +218,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         context_window=0,
     ):
         self.context_window = context_window
-        check_cache_flags(self.args, num_shards)  # the shards eval-lm actually asks for
-        check_context_window(self.args, context_window)
+        # the sharding and context window eval-lm actually asks for
+        check_flags(self.args, num_shards=num_shards, context_window=context_window,
+                    recheck=("num_shards", "context_window"))
         writes = self.args.save_knnlm_dstore or self.args.knn_save_neighbors
         if writes and (num_shards, shard_id) != (self.num_shards, self.shard_id):
             raise RuntimeError(
@@ -319,11 +302,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
     def build_generator(self, models, args, **kwargs):
         """fairseq-generate / fairseq-interactive / hub sample() and score(): with
         --knnlm, every model's normalized probabilities become the kNN-LM's."""
-        if self.args.knn_overlap:
-            raise UserError("--knn-overlap is for fairseq-eval-lm (generation searches step by step); drop it")
-        if cache_enabled(self.args):
-            raise UserError("--knn-cache-size is for fairseq-eval-lm (the cache holds the evaluated text's "
-                            "own previous tokens); drop it for generation")
+        check_flags(self.args, purpose="generate", recheck=("purpose",))
         if self.args.knnlm:
             from .generation import attach_knnlm
 

@@ -237,28 +237,6 @@ def fraction_thresholds(scores: np.ndarray, fractions: Sequence[float]) -> Dict[
 
 
 # ------------------------------------------------------------ the run's flags
-def check_retrieval_flags(args) -> None:
-    """One-line errors for --knn-retrieval-* combinations no run can use (no file I/O)."""
-    path = getattr(args, "knn_retrieval_predictor", None)
-    fraction = getattr(args, "knn_retrieval_fraction", None)
-    threshold = getattr(args, "knn_retrieval_threshold", None)
-    if not path:
-        if fraction is not None or threshold is not None:
-            raise RetrievalPredictorError(
-                "--knn-retrieval-fraction/--knn-retrieval-threshold need --knn-retrieval-predictor FILE")
-        return
-    if not getattr(args, "knnlm", False):
-        raise RetrievalPredictorError("--knn-retrieval-predictor decides kNN searches; it needs --knnlm")
-    if getattr(args, "knn_save_neighbors", None):
-        raise RetrievalPredictorError(
-            "--knn-save-neighbors saves every token's neighbours; run it without --knn-retrieval-predictor")
-    if (fraction is None) == (threshold is None):
-        raise RetrievalPredictorError(
-            "with --knn-retrieval-predictor give one of --knn-retrieval-fraction F or --knn-retrieval-threshold S")
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise RetrievalPredictorError(f"--knn-retrieval-fraction must lie in [0, 1], got {fraction:g}")
-
-
 def load_for_run(args, identity: dict, log=None):
     """(predictor, score threshold) for --knn-retrieval-predictor, checked against the run.
 

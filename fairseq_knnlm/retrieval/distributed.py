@@ -107,18 +107,8 @@ def record_dtype(exact: bool, counts: bool) -> np.dtype:
 # ---------------------------------------------------------------- start-up
 
 
-def check_distributed_flags(args) -> None:
-    """Refuse, in one line, what --knn-distributed-index cannot do."""
-    if not getattr(args, "knn_distributed_index", False):
-        return
-    if not getattr(args, "knnlm", False):
-        raise DistributedSearchError("--knn-distributed-index spreads the kNN-LM's index over the ranks: "
-                                     "it needs --knnlm (drop it otherwise)")
-    if getattr(args, "knn_pointers", False):
-        raise DistributedSearchError(
-            "--knn-pointers reads entries of the whole index in every process; drop --knn-distributed-index "
-            "(--knn-index IDX/ searches all pieces in one process) or --knn-pointers"
-        )
+def check_process_group() -> None:
+    """Refuse, in one line, a --knn-distributed-index run without ranks to spread the index over."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -139,7 +129,7 @@ def open_distributed_retriever(args, datastore, index_path: str) -> "Distributed
 
     from ..index.shards import find_shards, open_index
 
-    check_distributed_flags(args)
+    check_process_group()
     if not os.path.isdir(str(index_path)):
         raise DistributedSearchError(
             f"--knn-distributed-index needs --knn-index to be a directory of index pieces "

@@ -20,7 +20,6 @@ number of threads could round differently).
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterable, Optional
 
-from ..errors import UserError
 
 _END = object()
 
@@ -97,16 +96,3 @@ class SearchOverlap:
     def close(self) -> None:
         self._ready = None
         self._executor.shutdown(wait=True)
-
-
-def check_overlap_flags(args) -> None:
-    """Refuse, at start-up, what cannot be overlapped.
-
-    Everything that decides or uses a batch's searches (--knn-retrieval-predictor,
-    --knn-pointers, --knn-save-neighbors) is part of the search step, which runs
-    batch after batch in order, so it combines with --knn-overlap.
-    """
-    if not getattr(args, "knn_overlap", False):
-        return
-    if getattr(args, "save_knnlm_dstore", False):
-        raise UserError("--knn-overlap overlaps kNN searches; the datastore pass makes none: drop it")

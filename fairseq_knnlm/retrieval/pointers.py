@@ -200,17 +200,6 @@ class Pointers:
 # ------------------------------------------------------------ FAISS and flags
 
 
-def check_pointer_flags(args) -> None:
-    """One-line errors for --knn-pointers settings no run can use (no file I/O)."""
-    if not getattr(args, "knn_pointers", False):
-        return
-    if not getattr(args, "knnlm", False):
-        raise PointerError("--knn-pointers decides kNN searches; it needs --knnlm")
-    n = args.knn_pointer_min_candidates
-    if n < 1:
-        raise PointerError(f"--knn-pointer-min-candidates must be at least 1, got {n}")
-
-
 def check_datastore(datastore) -> None:
     """Pointers need entries in corpus order: a pruned store has merged them."""
     if datastore.meta.get("pruned") or getattr(datastore, "counts", None) is not None:

@@ -8,7 +8,6 @@ import torch
 
 from ..storage.datastore import Datastore
 from ..errors import UserError
-from ..index.search_params import check_candidates
 
 # Neighbour-key floats gathered at once when the keys cannot be read in place
 # (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.
@@ -50,7 +49,7 @@ class KNNRetriever:
         self.k = k
         self.sim_func = sim_func
         # --knn-candidates: FAISS returns this many, re-ranked by exact distance to k
-        self.candidates = check_candidates(candidates, k, sim_func, datastore.size)
+        self.candidates = k if candidates is None else int(candidates)
         self.queries_searched = 0  # FAISS queries made, for the end-of-run report
 
     def search(self, queries: torch.Tensor, with_counts: bool = False, with_ids: bool = False):

@@ -140,44 +140,6 @@ def cache_enabled(args) -> bool:
     return int(getattr(args, "knn_cache_size", 0) or 0) > 0
 
 
-def check_cache_values(size, theta, lmbda, prefix: str = "--knn-cache") -> None:
-    """One-line errors for values no cache can use."""
-    if size < 0:
-        raise UserError(f"{prefix}-size must be 0 (no cache) or a number of tokens, got {size}")
-    if not 0.0 <= lmbda <= 1.0:  # also refuses NaN
-        raise UserError(f"{prefix}-lmbda must lie in [0, 1], got {lmbda}")
-    if not (theta >= 0 and math.isfinite(theta)):
-        raise UserError(f"{prefix}-theta must be a finite number >= 0 (0: every entry weighs the same), "
-                        f"got {theta}")
-
-
-def check_cache_flags(args, num_shards: int = 1) -> None:
-    """Refuse, at start-up, cache settings and combinations that cannot work."""
-    size = int(getattr(args, "knn_cache_size", 0) or 0)
-    check_cache_values(size, float(getattr(args, "knn_cache_theta", 0.0)),
-                       float(getattr(args, "knn_cache_lmbda", 0.0)))
-    if size == 0:
-        return
-    if getattr(args, "save_knnlm_dstore", False):
-        raise UserError("the datastore pass scores nothing with a cache: drop --knn-cache-size "
-                        "from --save-knnlm-dstore")
-    if num_shards > 1:
-        raise UserError(
-            "--knn-cache-size holds the preceding tokens of one stream, which --num-shards / "
-            "distributed evaluation splits into pieces; evaluate with one process")
-    if getattr(args, "knn_save_neighbors", None) and not getattr(args, "knnlm", False):
-        raise UserError("--knn-save-neighbors saves a kNN-LM's neighbours: add --knnlm --dstore DIR "
-                        "(the file then also carries the keys the cache needs)")
-
-
-def check_context_window(args, context_window: int) -> None:
-    """Without a context window fairseq-eval-lm orders the blocks by length, not by position."""
-    if cache_enabled(args) and context_window <= 0:
-        raise UserError(
-            "--knn-cache-size needs fairseq-eval-lm's --context-window N (N > 0): without it eval-lm "
-            "orders the blocks by length, so the cache would not see the text in corpus order")
-
-
 def make_cache(args) -> Optional[ContinuousCache]:
     if not cache_enabled(args):
         return None

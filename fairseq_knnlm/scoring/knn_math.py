@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from ..errors import UserError
 
 SIM_FUNCS = ("faiss", "l2", "ip")
 
@@ -74,15 +73,3 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor, lmbda: 
     lm_term = lm_log_probs.float() + math.log1p(-lmbda)
     knn_term = knn_log_probs.float() + math.log(lmbda)
     return torch.logaddexp(lm_term, knn_term).to(lm_log_probs.dtype)
-
-
-def check_hyperparameters(k: int, lmbda: float, temperature: float, dstore_size: int = None) -> None:
-    """Raise UserError with a one-line fix for impossible kNN-LM settings."""
-    if not 0.0 <= lmbda <= 1.0:
-        raise UserError(f"--lmbda must lie in [0, 1], got {lmbda}")
-    if k < 1:
-        raise UserError(f"--k must be at least 1, got {k}")
-    if dstore_size is not None and k > dstore_size:
-        raise UserError(f"--k {k} exceeds the datastore's {dstore_size} entries; lower --k")
-    if not temperature > 0:
-        raise UserError(f"--knn-temp must be positive, got {temperature}")

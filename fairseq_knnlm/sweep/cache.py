@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..scoring.cache import cache_log_probs, check_cache_values, default_chunk_rows, interpolate_cache
+from ..integration.flags import check_value
+from ..scoring.cache import cache_log_probs, default_chunk_rows, interpolate_cache
 from .grid import SweepError
 from .perplexity import PplStat, eval_lm_perplexity, interpolated, segment_starts
 from .threads import run_in_chunks, single_torch_thread
@@ -34,9 +35,9 @@ def check_cache_inputs(nb, sizes: Sequence[int], thetas: Sequence[float], cache_
         if size < 1:
             raise SweepError(f"--knn-cache-size values must be at least 1, got {size}")
     for theta in thetas:
-        check_cache_values(1, theta, 0.0)
+        check_value("--knn-cache-theta", theta)
     for lam in cache_lambdas:
-        check_cache_values(1, 0.0, lam)
+        check_value("--knn-cache-lmbda", lam)
 
 
 @dataclass
