@@ -59,6 +59,8 @@ def model_key_dim(checkpoint: str, data: str, keytype: str, error=UserError) -> 
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # torch.load's refusals
         raise error(f"cannot read checkpoint {checkpoint} ({first_line(e)}): it is damaged or not a "
                     f"checkpoint; {use}") from None
+    except KeyError as e:  # fairseq's upgrade of old checkpoints reads fields a foreign file lacks
+        raise error(f"{checkpoint} is not a fairseq checkpoint (no field {e}); {use}") from None
     if not isinstance(state, dict) or "model" not in state or state.get("cfg", state.get("args")) is None:
         raise error(f"{checkpoint} is not a fairseq checkpoint (no model and cfg); {use}")
     try:

@@ -8,8 +8,8 @@ directory per shard, ``shard-000-of-004/`` ..., below the datastore directory;
 :class:`Datastore` presents all shards as one store in corpus order.
 
 Crash safety: a pass writes into a ``.partial`` directory and renames it into
-place after ``meta.json`` is written, so a directory without ``meta.json`` is
-never accepted.
+place after ``meta.json`` is written (:class:`.files.PartialDirectory`), so a
+directory without ``meta.json`` is never accepted.
 """
 
 import hashlib

@@ -239,7 +239,7 @@ def import_original(
             raise OriginalImportError(
                 f"{path} lies inside --dstore {output}, which the import creates; choose another --dstore"
             )
-    check_can_write(output, overwrite, option="--dstore", overwrite_flag="--dstore-overwrite",
+    check_can_write(output, overwrite, what="datastore", option="--dstore", overwrite_flag="--dstore-overwrite",
                     error=OriginalImportError)
     dictionary = artefacts.load_dictionary(
         os.path.join(data, "dict.txt"), OriginalImportError, "pass the data-bin directory the model was trained with")
