@@ -80,11 +80,11 @@ def worker_bare(args) -> dict:
     import numpy as np
 
     from fairseq_knnlm.storage.datastore import Datastore
-    from fairseq_knnlm.index import _sample_ids
+    from fairseq_knnlm.index import sample_ids
 
     ds = Datastore(args.dstore)
     # Untimed: the same training sample and chunks, as float32 in memory.
-    ids = _sample_ids(ds.size, min(args.train_size, ds.size), seed=1)
+    ids = sample_ids(ds.size, min(args.train_size, ds.size), seed=1)
     sample = np.asarray(ds.keys[ids], dtype=np.float32)
     chunks = [np.asarray(ds.keys[lo : lo + args.add_batch], dtype=np.float32)
               for lo in range(0, ds.size, args.add_batch)]

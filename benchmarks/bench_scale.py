@@ -121,7 +121,7 @@ def worker_search(args) -> dict:
     import numpy as np
 
     from fairseq_knnlm.storage.datastore import Datastore
-    from fairseq_knnlm.index.shards import open_index
+    from fairseq_knnlm.index import open_index
 
     faiss.omp_set_num_threads(2)
     queries = np.load(os.path.join(args.workdir, "queries.npy"))

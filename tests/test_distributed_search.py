@@ -20,7 +20,8 @@ from fairseq_knnlm.retrieval.distributed import (
 from fairseq_knnlm.index import build_index, load_index
 from fairseq_knnlm.storage.neighbors import read_neighbors
 from fairseq_knnlm.retrieval.retriever import KNNRetriever
-from fairseq_knnlm.index.shards import add_shard, open_index, train_only
+from fairseq_knnlm.index import open_index
+from fairseq_knnlm.index.shards import add_shard, train_only
 from test_index import META, clustered_keys, value_of
 
 N, DIM = 6000, 32

@@ -11,7 +11,8 @@ import pytest
 from conftest import TINY_TRANSFORMER, TOKENS_PER_SAMPLE, eval_lm, perplexity_line, run, train_tiny_lm
 from fairseq_knnlm.cli.import_original import main as import_main
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreError, DatastoreWriter
-from fairseq_knnlm.tools.importer import import_original, split_tokens
+from fairseq_knnlm.integration.artefacts import split_tokens
+from fairseq_knnlm.tools.importer import import_original
 from fairseq_knnlm.index import IndexMismatchError, build_index, default_index_path, load_index
 
 # The original's datastore pass skips the split's first block (its size is the

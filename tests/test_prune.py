@@ -221,7 +221,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, unique_store, duplicat
     out = ["--output", tmp_path / "o"]
     assert "no datastore" in fails("--dstore", tmp_path / "nowhere", *out)
     assert "overlaps" in fails(*src, "--output", unique_store.path + "/sub")
-    assert "lower --k" in fails(*src, *out, "--k", unique_store.size)
+    assert "lower --merge-k" in fails(*src, *out, "--merge-k", unique_store.size)
     assert "must be at least 1" in fails(*src, *out, "--k", 0)
     assert "another datastore" in fails(*src, *out, "--index", duplicated_store.path + "/knn.index")
     assert "no index" in fails(*src, *out, "--index", tmp_path / "none.index")

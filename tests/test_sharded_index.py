@@ -20,9 +20,11 @@ import pytest
 
 from fairseq_knnlm.cli.build_index import main as cli_main
 from fairseq_knnlm.storage.datastore import Datastore
-from fairseq_knnlm.index import IndexBuildError, IndexMismatchError, build_index, load_index, meta_path, partial_paths
+from fairseq_knnlm.index import (
+    IndexBuildError, IndexMismatchError, build_index, load_index, meta_path, open_index, partial_paths,
+)
 from fairseq_knnlm.index.shards import (
-    add_shard, find_shards, load_index_shards, merge_shards, open_index, shard_index_name, shard_span, train_only,
+    add_shard, find_shards, load_index_shards, merge_shards, shard_index_name, shard_span, train_only,
 )
 from test_index import Crash, clustered_keys, crash_after, write_store
 

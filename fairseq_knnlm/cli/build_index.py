@@ -18,7 +18,10 @@ import json
 import sys
 
 from ..errors import UserError
-from ..index.core import DEFAULT_NLIST, DEFAULT_PQ_BYTES, INDEX_FILE, PROG, build_index
+from ..index.build import build_index
+from ..index.errors import PROG
+from ..index.factory import DEFAULT_NLIST, DEFAULT_PQ_BYTES
+from ..index.files import INDEX_FILE
 from .common import count_at_least, run_reporting_errors
 
 
@@ -33,14 +36,15 @@ def _sharded(args) -> dict:
     if args.merge:
         return sharded_index.merge_shards(
             args.merge, output=args.output, overwrite=args.overwrite, dstore=args.dstore,
-            eval_recall=args.eval_recall, nprobe=args.nprobe, seed=args.seed, progress=progress,
+            eval_recall=args.eval_recall, nprobe=args.probe, seed=args.seed, progress=progress,
         )
     if args.train_only:
         if not args.output:
             raise UserError("--train-only needs --output IDX/trained.index (the directory of the pieces)")
         return sharded_index.train_only(
             args.dstore, args.output, factory=args.index_factory, train_size=args.train_size,
-            metric=args.metric, gpu=args.gpu, seed=args.seed, overwrite=args.overwrite, progress=progress,
+            metric=args.metric, gpu=args.gpu, seed=args.seed, overwrite=args.overwrite, nprobe=args.probe,
+            progress=progress,
         )
     return sharded_index.add_shard(
         args.dstore, args.trained, args.shard_id, args.num_shards, output=args.output,
@@ -102,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure recall@1/10/100/1024 (1024: kNN-LM's k; for stores of at least 1024 keys) "
                    "against exact search with N stored keys as queries (printed and stored in the "
                    "metadata; default: off)")
-    p.add_argument("--nprobe", type=count_at_least(1), default=32,
-                   help="IVF lists probed by --eval-recall, also saved in the index (default: %(default)s)")
+    p.add_argument("--probe", "--nprobe", dest="probe", type=count_at_least(1), default=32,
+                   help="IVF lists probed (nprobe) by --eval-recall, also saved in the index (with --train-only: "
+                   "in the trained index, so in every piece) (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
                    help="save progress for resuming at most this often while adding (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete index at --output")
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
         parser, lambda: _sharded(args) if args.train_only or args.trained or args.merge else build_index(
             args.dstore, output=args.output, factory=args.index_factory,
             train_size=args.train_size, add_batch=args.add_batch, metric=args.metric,
-            gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.nprobe,
+            gpu=args.gpu, seed=args.seed, eval_recall=args.eval_recall, nprobe=args.probe,
             overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
             progress=not args.quiet,
         ), interrupted="interrupted; rerun the same command to continue (added keys are kept)")

@@ -1,7 +1,7 @@
 """fairseq-knnlm-prune: a smaller datastore by greedy merging (He et al., 2021).
 
     fairseq-knnlm-prune --dstore DSTORE_DIR --output PRUNED_DIR [--index DSTORE_DIR/knn.index] \\
-        [--k 8] [--nprobe 32] [--batch-size 4096] [--overwrite]
+        [--merge-k 8] [--probe 32] [--batch-size 4096] [--overwrite]
 
 An interrupted run continues where it stopped when the same command is rerun.
 """
@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="directory of the pruned datastore")
     p.add_argument("--index", metavar="FILE",
                    help="FAISS index of --dstore used to find each entry's neighbours (default: DSTORE/knn.index)")
-    p.add_argument("--k", type=count_at_least(1), default=8,
-                   help="nearest other entries each entry may absorb; larger K prunes more (default: %(default)s)")
-    p.add_argument("--nprobe", type=count_at_least(1), default=32, help="IVF lists visited per search (default: %(default)s)")
+    p.add_argument("--merge-k", "--k", dest="merge_k", type=count_at_least(1), default=8, metavar="K",
+                   help="nearest other entries each entry may absorb; larger K prunes more (not eval-lm's --k, "
+                   "the neighbours retrieved; default: %(default)s)")
+    p.add_argument("--probe", "--nprobe", dest="probe", type=count_at_least(1), default=32,
+                   help="IVF lists visited per search (nprobe; default: %(default)s)")
     p.add_argument("--batch-size", type=count_at_least(1), default=4096, metavar="N",
                    help="entries searched per FAISS call (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     summary = run_reporting_errors(parser, lambda: prune_datastore(
-        args.dstore, args.output, index=args.index, k=args.k, nprobe=args.nprobe,
+        args.dstore, args.output, index=args.index, k=args.merge_k, nprobe=args.probe,
         batch_size=args.batch_size, overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every, progress=not args.quiet,
     ), interrupted="interrupted; rerun the same command to continue (progress is kept)")

@@ -22,6 +22,7 @@ fingerprint, so pieces of different trainings or stores are refused together.
 Adding a shard checkpoints and resumes like a whole build; the merge restarts.
 """
 
+import json
 import os
 import re
 import time
@@ -32,14 +33,18 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from ..storage.datastore import Datastore, write_json_atomic
-from ..errors import UserError
-from .core import (
-    FORMAT_VERSION, INDEX_FILE, MIN_POINTS_PER_CENTROID, PROG, IndexBuildError, IndexMismatchError,
-    KeyReader, _add_keys, _call_with_clock, _check_gpu, _faiss_message, _finish, _ivf, _log,
-    _open_datastore, _positive, _remove, _train, _write_index_atomic, default_factory,
-    evaluate_recall, format_recall, make_index, meta_path, partial_paths, read_flags, resumable_add, set_nprobe,
+from ..storage.datastore import Datastore
+from .build import add_keys, check_at_least, resumable_add, train_index
+from .errors import PROG, IndexBuildError, IndexMismatchError
+from .factory import MIN_POINTS_PER_CENTROID, default_factory, ivf_of, make_index, nprobe_of, set_nprobe
+from .files import (
+    FORMAT_VERSION, INDEX_FILE, meta_path, open_datastore, read_flags, read_index_file, remove_files,
+    write_index_with_sidecar,
 )
+from .gpu import check_gpu, to_gpus
+from .progress import call_with_clock, log
+from .reader import KeyReader
+from .recall import evaluate_recall, format_recall
 from .search_params import apply_faiss_params
 
 TRAINED_FILE = "trained.index"
@@ -69,8 +74,6 @@ def shard_span(datastore: Datastore, shard_id: int, num_shards: int) -> Tuple[in
 
 
 def _read_sidecar(index_path: str, kind: str, redo: str) -> Dict:
-    import json
-
     sidecar = meta_path(index_path)
     if not os.path.isfile(index_path) or not os.path.isfile(sidecar):
         raise IndexBuildError(f"{index_path} is missing or incomplete (no {os.path.basename(sidecar)}); {redo}")
@@ -90,32 +93,29 @@ def _read_sidecar(index_path: str, kind: str, redo: str) -> Dict:
     return meta
 
 
-def _read_faiss(path: str, flags: int = 0) -> faiss.Index:
-    try:
-        return faiss.read_index(path, flags)
-    except RuntimeError as e:
-        raise IndexBuildError(f"FAISS cannot read {path} ({_faiss_message(e)}); rebuild it") from None
-
-
 # ---------------------------------------------------------------- train
 
 
 def train_only(dstore, output: str, factory: Optional[str] = None, train_size: int = 1_000_000,
                metric: str = "l2", gpu: bool = False, seed: int = 1, overwrite: bool = False,
-               progress: bool = True, log: Callable[[str], None] = _log) -> Dict:
-    """Train the empty IVF index of a sharded build on a sample of the whole store."""
-    ds = _open_datastore(dstore)
+               nprobe: int = 32, progress: bool = True, log: Callable[[str], None] = log) -> Dict:
+    """Train the empty IVF index of a sharded build on a sample of the whole store.
+
+    ``nprobe`` is saved with it, so the pieces added to copies of it search
+    with that nprobe unless told otherwise."""
+    ds = open_datastore(dstore)
     output = os.path.abspath(str(output))
     _check_piece_output(output, overwrite)
     if gpu:
-        _check_gpu()
-    n_train = min(_positive("--train-size", train_size), ds.size)
+        check_gpu()
+    n_train = min(check_at_least("--train-size", train_size), ds.size)
+    check_at_least("--probe", nprobe)
     if factory is None:
         factory, note = default_factory(n_train, ds.dim)
         if note:
             log(note)
     index = make_index(ds.dim, factory, metric)
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is None:
         raise IndexBuildError(
             f"a sharded build needs an IVF index (e.g. IVF4096,PQ64), not {factory}; "
@@ -128,15 +128,16 @@ def train_only(dstore, output: str, factory: Optional[str] = None, train_size: i
         )
     log(f"training {factory} ({metric}) on {n_train} of {ds.size} keys from {ds.path} -> {output}")
     t0 = time.monotonic()
-    _train(index, KeyReader(ds.keys), factory, n_train, seed, gpu, progress)
+    train_index(index, KeyReader(ds.keys), factory, n_train, seed, gpu, progress)
+    set_nprobe(index, nprobe)
     meta = dict(
         kind="trained", format_version=FORMAT_VERSION, trained_id=uuid.uuid4().hex,
         factory=factory, metric=metric, dim=ds.dim, datastore_fingerprint=ds.fingerprint,
         datastore_size=ds.size, datastore_path=ds.path, keys_dtype=str(ds.keys.dtype),
-        train_size=n_train, seed=int(seed), train_seconds=round(time.monotonic() - t0, 3),
+        train_size=n_train, seed=int(seed), nprobe=int(nprobe), train_seconds=round(time.monotonic() - t0, 3),
         gpu=bool(gpu), faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    _write_piece(index, meta, output)
+    write_index_with_sidecar(index, meta, output, record_bytes=True)
     log(f"wrote {output}; add the shards with {PROG} --dstore {ds.path} --trained {output} "
         "--shard-id I --num-shards N")
     return meta
@@ -152,30 +153,22 @@ def _check_piece_output(output: str, overwrite: bool) -> None:
         raise IndexBuildError(f"directory {parent} of --output does not exist; create it first")
 
 
-def _write_piece(index: faiss.Index, meta: Dict, output: str) -> None:
-    """Index file atomically, then its sidecar (last: it marks completion)."""
-    _remove(meta_path(output))  # an old sidecar must never vouch for the new file
-    _write_index_atomic(index, output)
-    meta["index_bytes"] = os.path.getsize(output)
-    write_json_atomic(meta_path(output), meta)
-
-
 # ---------------------------------------------------------------- add
 
 
 def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Optional[str] = None,
               add_batch: int = 500_000, gpu: bool = False, overwrite: bool = False,
               checkpoint_every: float = 600.0, progress: bool = True,
-              log: Callable[[str], None] = _log,
+              log: Callable[[str], None] = log,
               on_chunk: Optional[Callable[[int], None]] = None) -> Dict:
     """Add datastore shard ``shard_id`` of ``num_shards`` to a copy of the trained index.
 
     Writes ``shard-XXX-of-YYY.index`` next to the trained index (or ``output``).
     Checkpoints and resumes as a whole build does (``<output>.partial``).
     """
-    ds = _open_datastore(dstore)
-    _positive("--num-shards", num_shards)
-    _positive("--add-batch", add_batch)
+    ds = open_datastore(dstore)
+    check_at_least("--num-shards", num_shards)
+    check_at_least("--add-batch", add_batch)
     trained = os.path.abspath(str(trained))
     redo = f"train it again with {PROG} --dstore {ds.path} --train-only --output {trained}"
     tmeta = _read_sidecar(trained, "trained", redo)
@@ -188,7 +181,7 @@ def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Opti
                                                         shard_index_name(shard_id, num_shards))))
     _check_piece_output(output, overwrite)
     if gpu:
-        _check_gpu()
+        check_gpu()
     plan = dict(
         format_version=FORMAT_VERSION, kind="shard", trained_id=tmeta["trained_id"],
         factory=tmeta["factory"], metric=tmeta["metric"], dim=ds.dim,
@@ -197,13 +190,13 @@ def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Opti
     )
     log(f"index shard {shard_id} of {num_shards}: datastore rows [{first}, {end}) of {ds.path} -> {output}")
     def start():
-        index = _read_faiss(trained)
+        index = read_index_file(trained, 0, "rebuild it")
         if index.ntotal:
             raise IndexBuildError(f"{trained} already holds keys; {redo}")
         return index, {}
 
     index, state, _, checkpoint = resumable_add(output, plan, log, start)
-    _add_keys(index, KeyReader(ds.keys), add_batch, gpu, progress, checkpoint, checkpoint_every,
+    add_keys(index, KeyReader(ds.keys), add_batch, gpu, progress, checkpoint, checkpoint_every,
               on_chunk, span=(first, end))
     checkpoint(write=False)
     meta = dict(
@@ -212,8 +205,7 @@ def add_shard(dstore, trained: str, shard_id: int, num_shards: int, output: Opti
         add_seconds=state["add_seconds"], resumed=state["resumed"],
         gpu=bool(gpu), faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    _write_piece(index, meta, output)
-    _remove(*partial_paths(output))
+    write_index_with_sidecar(index, meta, output, record_bytes=True)
     log(f"wrote {output} ({index.ntotal} keys)")
     return meta
 
@@ -274,7 +266,7 @@ def _check_shards_match(metas: Sequence[Dict], datastore: Datastore, index_dir: 
 
 def merge_shards(index_dir: str, output: Optional[str] = None, overwrite: bool = False,
                  dstore=None, eval_recall: int = 0, nprobe: int = 32, seed: int = 1,
-                 progress: bool = True, log: Callable[[str], None] = _log) -> Dict:
+                 progress: bool = True, log: Callable[[str], None] = log) -> Dict:
     """Merge all index shards of ``index_dir`` into one index with on-disk
     inverted lists: ``output`` (default ``IDX/knn.index``) and ``output``
     without ``.index`` + ``.ivfdata``.  Memory: the shards are memory-mapped;
@@ -293,18 +285,18 @@ def merge_shards(index_dir: str, output: Optional[str] = None, overwrite: bool =
     output = os.path.abspath(str(output or os.path.join(index_dir, INDEX_FILE)))
     _check_piece_output(output, overwrite)
     ivfdata = os.path.splitext(output)[0] + IVFDATA_SUFFIX
-    index = _read_faiss(trained)
-    if isinstance(_ivf(index), faiss.IndexIVFFastScan):
+    index = read_index_file(trained, 0, "rebuild it")
+    if isinstance(ivf_of(index), faiss.IndexIVFFastScan):
         raise IndexBuildError(
             f"FAISS cannot keep the lists of a fast-scan index ({first['factory']}) on disk; "
             f"search the shards in place (--knn-index {index_dir}) instead of merging"
         )
-    _remove(meta_path(output), ivfdata + ".partial")
+    remove_files(meta_path(output), ivfdata + ".partial")
     t0 = time.monotonic()
-    _call_with_clock(lambda: merge_ondisk(index, paths, ivfdata + ".partial"),
+    call_with_clock(lambda: merge_ondisk(index, paths, ivfdata + ".partial"),
                      f"merge {len(paths)} shards into {os.path.basename(ivfdata)}", progress)
     os.replace(ivfdata + ".partial", ivfdata)  # the open map follows the renamed file
-    faiss.downcast_InvertedLists(_ivf(index).invlists).filename = ivfdata
+    faiss.downcast_InvertedLists(ivf_of(index).invlists).filename = ivfdata
     set_nprobe(index, nprobe)
     meta = dict(
         {k: tmeta[k] for k in ("factory", "metric", "dim", "datastore_fingerprint", "datastore_size",
@@ -317,11 +309,11 @@ def merge_shards(index_dir: str, output: Optional[str] = None, overwrite: bool =
         faiss_version=faiss.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     if eval_recall:
-        ds = _open_datastore(dstore)
+        ds = open_datastore(dstore)
         _check_shards_match(metas, ds, index_dir)
         meta["recall"] = evaluate_recall(index, KeyReader(ds.keys), eval_recall, meta["metric"], seed, progress)
         log(format_recall(meta["recall"]))
-    _finish(index, meta, output)
+    write_index_with_sidecar(index, meta, output)
     log(f"wrote {output} ({index.ntotal} keys; inverted lists in {os.path.basename(ivfdata)})")
     return meta
 
@@ -342,22 +334,23 @@ def load_index_shards(index_dir: str, datastore, shard_ids: Optional[Sequence[in
     The metadata describes the whole store and gains ``path``, ``shard_ids``,
     ``num_shards`` and ``local_ntotal`` (keys held here).
     """
-    ds = _open_datastore(datastore)
+    ds = open_datastore(datastore)
     paths, metas = find_shards(index_dir)
     _check_shards_match(metas, ds, index_dir)
     num_shards = len(paths)
     shard_ids = list(range(num_shards)) if shard_ids is None else [int(s) for s in shard_ids]
     parts = []
     for s in shard_ids:
-        index = _read_faiss(paths[s], read_flags(mmap))
+        index = read_index_file(paths[s], read_flags(mmap), "rebuild it")
         if index.ntotal != metas[s]["ntotal"]:
             raise IndexBuildError(f"{paths[s]} holds {index.ntotal} keys, its sidecar says {metas[s]['ntotal']}; add it again")
         set_nprobe(index, nprobe)
         apply_faiss_params(index, faiss_params)
         parts.append(index)
+    searched_nprobe = nprobe_of(parts[0])  # the pieces' own unless nprobe was given
     if gpu:
-        ngpu = _check_gpu()
-        parts = [piece_to_gpu(p, i % ngpu) for i, p in enumerate(parts)]
+        ngpu = check_gpu()
+        parts = [to_gpus(p, devices=[i % ngpu]) for i, p in enumerate(parts)]
     if len(parts) == 1:
         index = parts[0]
     else:
@@ -374,35 +367,6 @@ def load_index_shards(index_dir: str, datastore, shard_ids: Optional[Sequence[in
         {k: first[k] for k in ("factory", "metric", "dim", "datastore_fingerprint", "trained_id")},
         ntotal=ds.size, datastore_size=ds.size, path=os.path.abspath(str(index_dir)),
         num_shards=num_shards, shard_ids=shard_ids, local_ntotal=int(sum(p.ntotal for p in parts)),
-        nprobe=nprobe,
+        nprobe=searched_nprobe,
     )
     return index, meta
-
-
-def piece_to_gpu(index: faiss.Index, device: int) -> faiss.Index:
-    resources = faiss.StandardGpuResources()
-    co = faiss.GpuClonerOptions()
-    co.useFloat16 = isinstance(_ivf(index), faiss.IndexIVFPQ)
-    try:
-        gpu_index = faiss.index_cpu_to_gpu(resources, device, index, co)
-    except RuntimeError as e:
-        raise IndexBuildError(f"FAISS cannot put this index on GPU {device} ({_faiss_message(e)}); use it on the CPU") from None
-    gpu_index.referenced_objects = [resources]  # the resources must outlive the index
-    return gpu_index
-
-
-def open_index(index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False,
-               faiss_params: Optional[str] = None, mmap: bool = False,
-               shard_ids: Optional[Sequence[int]] = None) -> Tuple[faiss.Index, Dict]:
-    """The index ``--knn-index`` names: a whole or merged index file, or a
-    directory of index shards (all of them, or ``shard_ids``)."""
-    from .core import load_index
-
-    if os.path.isdir(str(index_path)):
-        return load_index_shards(index_path, datastore, shard_ids, nprobe, faiss_params, mmap, gpu)
-    if shard_ids is not None:
-        raise UserError(
-            f"--knn-distributed-index needs --knn-index to be a directory of index shards, "
-            f"not the single file {index_path}"
-        )
-    return load_index(index_path, datastore, nprobe=nprobe, gpu=gpu, faiss_params=faiss_params, mmap=mmap)

@@ -22,9 +22,9 @@ from ..storage.datastore import (
     DatastoreError,
     check_can_write,
     dictionary_md5,
-    file_sha256,
     shard_dirname,
 )
+from ..storage.files import file_sha256
 from .config import KNNLanguageModelingConfig
 from .eval_loop import EvalLoopHooks, install_scorer
 from .flags import check_against_datastore, check_flags
@@ -117,9 +117,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 "binarize the data with the model's dict.txt and rebuild the datastore"
             )
         self.datastore.check_values(len(self.dictionary), full=args.knn_check_datastore)
-        from ..index.core import default_index_path
+        from ..index.files import default_index_path
         from ..retrieval.retriever import KNNRetriever
-        from ..index.shards import open_index
+        from ..index.load import open_index
 
         index_path = args.knn_index or default_index_path(args.dstore)
         if args.knn_distributed_index:

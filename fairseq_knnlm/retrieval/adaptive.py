@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..storage.datastore import write_json_atomic
+from ..storage.files import write_json_atomic
 from ..errors import UserError
 
 FEATURE_NAMES = ("lm_entropy", "lm_max_log_prob", "lm_top2_gap")

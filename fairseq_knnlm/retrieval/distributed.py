@@ -127,7 +127,8 @@ def open_distributed_retriever(args, datastore, index_path: str) -> "Distributed
     """This rank's pieces of the directory ``index_path``, as a DistributedRetriever."""
     import torch.distributed as dist
 
-    from ..index.shards import find_shards, open_index
+    from ..index.load import open_index
+    from ..index.shards import find_shards
 
     check_process_group()
     if not os.path.isdir(str(index_path)):
@@ -160,14 +161,13 @@ def open_distributed_retriever(args, datastore, index_path: str) -> "Distributed
 def on_this_gpu(index: faiss.Index) -> faiss.Index:
     """``index`` (or each piece of an IndexShards) copied to this rank's GPU,
     torch.cuda.current_device(): one GPU per rank, as fairseq assigns them."""
-    from ..index.core import _check_gpu
-    from ..index.shards import piece_to_gpu
+    from ..index.gpu import check_gpu, to_gpus
 
-    _check_gpu()
+    check_gpu()
     device = torch.cuda.current_device()
     if not isinstance(index, faiss.IndexShards):
-        return piece_to_gpu(index, device)
-    parts = [piece_to_gpu(faiss.downcast_index(index.at(i)), device) for i in range(index.count())]
+        return to_gpus(index, devices=[device])
+    parts = [to_gpus(faiss.downcast_index(index.at(i)), devices=[device]) for i in range(index.count())]
     shards = faiss.IndexShards(index.d, True, False)  # ids are datastore positions already
     for part in parts:
         shards.add_shard(part)

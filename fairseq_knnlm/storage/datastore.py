@@ -8,22 +8,21 @@ directory per shard, ``shard-000-of-004/`` ..., below the datastore directory;
 :class:`Datastore` presents all shards as one store in corpus order.
 
 Crash safety: a pass writes into a ``.partial`` directory and renames it into
-place after ``meta.json`` is written, so a directory without ``meta.json`` is
-never accepted.
+place after ``meta.json`` is written (:class:`.files.PartialDirectory`), so a
+directory without ``meta.json`` is never accepted.
 """
 
 import hashlib
-import json
 import os
-import shutil
-import struct
 import time
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..errors import UserError
+from . import files
+from .files import META_FILE, NPY_HEADER_BYTES, PARTIAL_SUFFIX
 from .validate import (
     COUNT,
     NAMED_ENTRIES,
@@ -38,7 +37,6 @@ from .validate import (
 )
 
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"
 VALS_DTYPE = np.int32
@@ -47,9 +45,6 @@ COUNTS_DTYPE = np.int32
 # meta.json field of a store whose keys stay in a headerless file made elsewhere
 # (fairseq-knnlm-import): {"path", "offset", "sampled_rows_sha256"}.
 EXTERNAL_KEYS = "external_keys"
-# Keys and values are streamed behind a fixed-size .npy header that is
-# rewritten with the final shape once the count is known.
-NPY_HEADER_BYTES = 128
 # meta.json fields the writer records: the smallest and largest value (and
 # count) written, so that opening a large store can trust them instead of
 # scanning every value (--knn-check-datastore scans anyway).
@@ -74,31 +69,25 @@ def shard_dirname(shard_id: int, num_shards: int) -> str:
     return f"shard-{shard_id:03d}-of-{num_shards:03d}"
 
 
-def npy_header(dtype, shape) -> bytes:
-    """A version 1.0 .npy header padded to exactly NPY_HEADER_BYTES."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-        "fortran_order": False,
-        "shape": tuple(int(s) for s in shape),
-    }
-    body = repr(header).encode("latin1")
-    room = NPY_HEADER_BYTES - 10  # magic (8) + header length (2)
-    if len(body) + 1 > room:
-        raise DatastoreError(f"shape {shape} does not fit a .npy header")
-    return (
-        np.lib.format.magic(1, 0)
-        + struct.pack("<H", room)
-        + body.ljust(room - 1)
-        + b"\n"
-    )
-
-
-def file_sha256(path: str, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def find_shard_dirs(path: str, error, fix: str) -> Optional[List[str]]:
+    """The shard directories ``shard-000-of-00N`` ... below ``path``, in shard
+    order, or None if it holds none (unfinished ``.partial`` ones don't count).
+    ``error`` (ending with ``fix``) when one is misnamed or some are missing."""
+    names = sorted(n for n in os.listdir(path) if n.startswith("shard-") and not n.endswith(PARTIAL_SUFFIX))
+    if not names:
+        return None
+    try:
+        num_shards = int(names[0].rsplit("-of-", 1)[1])
+    except (IndexError, ValueError):
+        raise error(f"{os.path.join(path, names[0])} is not a shard directory (shard-III-of-NNN); {fix}") from None
+    expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
+    missing = sorted(set(expected) - set(names))
+    if missing or len(names) != num_shards:
+        raise error(
+            f"{path} is missing shard(s) {', '.join(missing) or names}; "
+            "run every --shard-id with the same --num-shards"
+        )
+    return [os.path.join(path, n) for n in expected]
 
 
 def sampled_rows_sha256(keys, rows: int = 64) -> str:
@@ -111,15 +100,6 @@ def sampled_rows_sha256(keys, rows: int = 64) -> str:
 def dictionary_md5(dictionary) -> str:
     """Identity of a fairseq Dictionary: its symbols in index order."""
     return hashlib.md5("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DatastoreWriter:
@@ -137,19 +117,14 @@ class DatastoreWriter:
         self.keys_dtype = np.dtype(keys_dtype)
         self.overwrite = overwrite
         check_can_write(self.final_dir, overwrite)
-        self.partial_dir = self.final_dir + ".partial"
-        if os.path.exists(self.partial_dir):
-            shutil.rmtree(self.partial_dir)
-        os.makedirs(self.partial_dir)
+        self._out = files.PartialDirectory(self.final_dir)
+        self.partial_dir = self._out.path
         self.size = 0
-        self._keys = open(os.path.join(self.partial_dir, KEYS_FILE), "wb")
-        self._vals = open(os.path.join(self.partial_dir, VALS_FILE), "wb")
-        self._keys.write(npy_header(self.keys_dtype, (0, self.dim)))
-        self._vals.write(npy_header(VALS_DTYPE, (0,)))
-        self._counts = None
+        self._out.stream(KEYS_FILE, self.keys_dtype, (self.dim,))
+        self._out.stream(VALS_FILE, VALS_DTYPE)
+        self.with_counts = bool(with_counts)
         if with_counts:
-            self._counts = open(os.path.join(self.partial_dir, COUNTS_FILE), "wb")
-            self._counts.write(npy_header(COUNTS_DTYPE, (0,)))
+            self._out.stream(COUNTS_FILE, COUNTS_DTYPE)
         self._ranges = {VALS_RANGE: None, COUNTS_RANGE: None}  # (min, max) written so far
 
     def append(self, keys: np.ndarray, vals: np.ndarray, counts: np.ndarray = None) -> None:
@@ -159,7 +134,7 @@ class DatastoreWriter:
                 f"cannot append keys {keys.shape} / vals {vals.shape} to a "
                 f"datastore of dimension {self.dim}"
             )
-        if (counts is None) != (self._counts is None) or (counts is not None and len(counts) != len(vals)):
+        if (counts is None) == self.with_counts or (counts is not None and len(counts) != len(vals)):
             raise DatastoreError("counts must be given with every append exactly when the writer has with_counts")
         with np.errstate(over="ignore"):  # float16 overflow is refused just below
             keys = np.ascontiguousarray(keys, dtype=self.keys_dtype)
@@ -173,11 +148,11 @@ class DatastoreWriter:
                 "nothing was written" + ("" if overflow else "; check the model (a checkpoint or --fp16 run "
                                          "that produces NaN or inf hidden states)"),
             ))
-        self._keys.write(keys.tobytes())
-        self._vals.write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        self._out.append(KEYS_FILE, keys)
+        self._out.append(VALS_FILE, vals)
         self._track(VALS_RANGE, vals)
         if counts is not None:
-            self._counts.write(np.ascontiguousarray(counts, dtype=COUNTS_DTYPE).tobytes())
+            self._out.append(COUNTS_FILE, counts)
             self._track(COUNTS_RANGE, counts)
         self.size += len(vals)
 
@@ -189,18 +164,6 @@ class DatastoreWriter:
 
     def commit(self, meta: Dict) -> str:
         """Finish the files, write meta.json last, then move into place."""
-        files = [
-            (self._keys, self.keys_dtype, (self.size, self.dim)),
-            (self._vals, VALS_DTYPE, (self.size,)),
-        ]
-        if self._counts is not None:
-            files.append((self._counts, COUNTS_DTYPE, (self.size,)))
-        for f, dtype, shape in files:
-            f.seek(0)
-            f.write(npy_header(dtype, shape))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
         meta = dict(meta)
         meta.pop(EXTERNAL_KEYS, None)  # e.g. meta copied from an imported store
         meta.update(
@@ -212,7 +175,7 @@ class DatastoreWriter:
             vals_dtype=np.dtype(VALS_DTYPE).name,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        if self._counts is not None:
+        if self.with_counts:
             meta["counts_dtype"] = np.dtype(COUNTS_DTYPE).name
         else:
             meta.pop("counts_dtype", None)  # e.g. meta copied from a pruned store
@@ -220,63 +183,16 @@ class DatastoreWriter:
             meta.pop(field, None)  # e.g. meta copied from the store this one was made from
             if seen is not None:
                 meta[field] = list(seen)
-        return commit_directory(self.partial_dir, self.final_dir, meta)
+        return self._out.commit(meta)
 
     def abort(self) -> None:
-        for f in (self._keys, self._vals, self._counts):
-            if f is not None and not f.closed:
-                f.close()
-        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self._out.abort()
 
 
-def commit_directory(partial_dir: str, final_dir: str, meta: Dict) -> str:
-    """Write meta.json last, then move ``partial_dir`` into place at ``final_dir``
-    (replacing an existing one only after the new one is complete)."""
-    write_json_atomic(os.path.join(partial_dir, META_FILE), meta)
-    if os.path.exists(final_dir):
-        old = final_dir + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(final_dir, old)
-        os.rename(partial_dir, final_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial_dir, final_dir)
-    return final_dir
-
-
-def check_can_write(
-    final_dir: str,
-    overwrite: bool,
-    what: str = "datastore",
-    option: str = "--dstore",
-    overwrite_flag: str = "--dstore-overwrite",
-    error=None,
-) -> None:
-    """Refuse, before any work is done, to clobber a finished output directory
-    (one with meta.json) or to write where we can't."""
-    error = error or DatastoreError
-    final_dir = os.path.abspath(os.fspath(final_dir).rstrip("/"))
-    complete = os.path.exists(os.path.join(final_dir, META_FILE))
-    if complete and not overwrite:
-        raise error(
-            f"{final_dir} already holds a complete {what}; pass {overwrite_flag} to replace it "
-            f"or choose another {option}"
-        )
-    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
-        raise error(f"{final_dir} exists and is not a directory; choose another {option}")
-    if os.path.isdir(final_dir) and os.listdir(final_dir) and not complete and not overwrite:
-        raise error(
-            f"{final_dir} is not empty and is not a {what}; choose another {option} "
-            f"or pass {overwrite_flag}"
-        )
-    parent = os.path.dirname(final_dir) or "."
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise error(f"cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"cannot write to {parent}; choose a writable {option}")
+def check_can_write(final_dir: str, overwrite: bool, what: str = "datastore", option: str = "--dstore",
+                    overwrite_flag: str = "--dstore-overwrite", error=DatastoreError) -> None:
+    """:func:`.files.check_can_write` with the datastore pass's options as defaults."""
+    files.check_can_write(final_dir, overwrite, what, option, overwrite_flag, error)
 
 
 def rebuild_hint(meta, path: str) -> str:
@@ -429,11 +345,18 @@ class RowConcat:
         return out.reshape(ids.shape + self.shape[1:])
 
 
+def _joined(parts: List[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class Datastore:
     """A complete datastore, single or sharded, opened read-only.
 
-    ``keys`` and ``vals`` index like (N, dim) and (N,) arrays in corpus order;
-    they are memory-mapped unless ``in_memory``.
+    ``keys`` indexes like an (N, dim) array in corpus order: memory-mapped
+    (the shards' maps behind one :class:`RowConcat` when sharded) unless
+    ``in_memory``.  ``vals`` and ``counts`` are (N,) arrays in RAM, read once
+    when the store is opened: at 4 bytes an entry they cost little, and every
+    batch of kNN-LM reads them at random positions.
     """
 
     def __init__(self, path: str, in_memory: bool = False):
@@ -455,16 +378,14 @@ class Datastore:
         self.dim = self.shards[0].dim
         self.size = sum(s.size for s in self.shards)
         keys = [s.load(KEYS_FILE, in_memory) for s in self.shards]
-        vals = [s.load(VALS_FILE, in_memory) for s in self.shards]
         self.keys = keys[0] if len(keys) == 1 else RowConcat(keys)
-        self.vals = vals[0] if len(vals) == 1 else np.concatenate(vals)
+        self.vals = _joined([s.load(VALS_FILE, True) for s in self.shards])
         # Entry weights of a pruned store (None: every entry counts once).
         self.counts = None
         if any(s.has_counts for s in self.shards):
             if not all(s.has_counts for s in self.shards):
                 raise DatastoreError(f"some shards of {self.path} are pruned and some are not; prune the whole store")
-            counts = [s.load(COUNTS_FILE, in_memory) for s in self.shards]
-            self.counts = counts[0] if len(counts) == 1 else np.concatenate(counts)
+            self.counts = _joined([s.load(COUNTS_FILE, True) for s in self.shards])
         self.meta = dict(first)
         self.meta["size"] = self.size
         self.meta["num_shards"] = len(self.shards)
@@ -472,30 +393,13 @@ class Datastore:
     def _shard_paths(self) -> List[str]:
         if os.path.exists(os.path.join(self.path, META_FILE)):
             return [self.path]
-        names = sorted(
-            n for n in os.listdir(self.path)
-            if n.startswith("shard-") and not n.endswith(".partial")
-        )
-        if not names:
+        paths = find_shard_dirs(self.path, DatastoreError, "move it away or rerun the pass")
+        if paths is None:
             raise DatastoreError(
                 f"{self.path} is not a complete datastore (no {META_FILE}); "
                 "rerun the --save-knnlm-dstore pass"
             )
-        try:
-            num_shards = int(names[0].rsplit("-of-", 1)[1])
-        except (IndexError, ValueError):
-            raise DatastoreError(
-                f"{os.path.join(self.path, names[0])} is not a shard directory (shard-III-of-NNN); "
-                "move it away or rerun the pass"
-            ) from None
-        expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
-        missing = sorted(set(expected) - set(names))
-        if missing or len(names) != num_shards:
-            raise DatastoreError(
-                f"{self.path} is missing shard(s) {', '.join(missing) or names}; "
-                "run the pass for every --shard-id with the same --num-shards"
-            )
-        return [os.path.join(self.path, n) for n in expected]
+        return paths
 
     def check_values(self, vocab_size: int, full: bool = False) -> None:
         """DatastoreError unless every value is a token id of a ``vocab_size``

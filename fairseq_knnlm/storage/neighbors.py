@@ -27,7 +27,6 @@ shard order.
 
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,20 +34,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .datastore import (
-    NPY_HEADER_BYTES,
-    RowConcat,
-    check_can_write,
-    commit_directory,
-    npy_header,
-    shard_dirname,
-)
 from ..errors import UserError
+from .datastore import RowConcat, find_shard_dirs
+from .files import META_FILE, NPY_HEADER_BYTES, PartialDirectory, check_can_write
 from .validate import COUNT, POSITIVE, check_fields, first_outside, open_npy, read_json_object, scan_rows
 
 FORMAT_VERSION = 1
 KIND = "knnlm-neighbors"
-META_FILE = "meta.json"
 TARGETS_FILE = "targets.npy"
 LM_FILE = "lm_log_probs.npy"
 DISTS_FILE = "dists.npy"
@@ -127,31 +119,27 @@ class NeighborsWriter:
             self.final_dir, overwrite, what="neighbours file", option="--knn-save-neighbors",
             overwrite_flag="--knn-save-neighbors-overwrite", error=NeighborsError,
         )
-        self.partial_dir = self.final_dir + ".partial"
-        if os.path.exists(self.partial_dir):
-            shutil.rmtree(self.partial_dir)
-        os.makedirs(self.partial_dir)
+        self._out = PartialDirectory(self.final_dir)
+        self.partial_dir = self._out.path
         self.n = 0
         self.segments: List[int] = []
-        self._files = {}
-        for name, dtype, shape in self._layout(0):
-            f = open(os.path.join(self.partial_dir, name), "wb")
-            f.write(npy_header(dtype, shape))
-            self._files[name] = f
+        for name, dtype, row_shape in self._layout():
+            self._out.stream(name, dtype, row_shape)
 
-    def _layout(self, n: int):
+    def _layout(self):
+        """(file, dtype, shape of one row) of every streamed array."""
         layout = (
-            (TARGETS_FILE, TARGETS_DTYPE, (n,)),
-            (LM_FILE, LM_DTYPE, (n,)),
-            (DISTS_FILE, self.dists_dtype, (n, self.k)),
-            (VALS_FILE, VALS_DTYPE, (n, self.k)),
+            (TARGETS_FILE, TARGETS_DTYPE, ()),
+            (LM_FILE, LM_DTYPE, ()),
+            (DISTS_FILE, self.dists_dtype, (self.k,)),
+            (VALS_FILE, VALS_DTYPE, (self.k,)),
         )
         if self.feature_names:
-            layout += ((LM_FEATURES_FILE, LM_FEATURES_DTYPE, (n, len(self.feature_names))),)
+            layout += ((LM_FEATURES_FILE, LM_FEATURES_DTYPE, (len(self.feature_names),)),)
         if self.with_counts:
-            layout += ((COUNTS_FILE, COUNTS_DTYPE, (n, self.k)),)
+            layout += ((COUNTS_FILE, COUNTS_DTYPE, (self.k,)),)
         if self.query_dim:
-            layout += ((QUERIES_FILE, QUERIES_DTYPE, (n, self.query_dim)),)
+            layout += ((QUERIES_FILE, QUERIES_DTYPE, (self.query_dim,)),)
         return layout
 
     def append(self, targets, lm_log_probs, dists, neighbor_vals, lengths=None, lm_features=None,
@@ -225,35 +213,24 @@ class NeighborsWriter:
                     f"distance {float(d32[overflow][0]):.6g} does not fit float16 "
                     f"(max {FP16_MAX:g}); save neighbours without --knn-save-neighbors-fp16"
                 )
-        self._files[TARGETS_FILE].write(np.ascontiguousarray(targets, dtype=TARGETS_DTYPE).tobytes())
-        self._files[LM_FILE].write(np.ascontiguousarray(lm, dtype=LM_DTYPE).tobytes())
-        self._files[DISTS_FILE].write(dists_out.tobytes())
-        self._files[VALS_FILE].write(np.ascontiguousarray(vals, dtype=VALS_DTYPE).tobytes())
+        self._out.append(TARGETS_FILE, targets)
+        self._out.append(LM_FILE, lm)
+        self._out.append(DISTS_FILE, dists_out)
+        self._out.append(VALS_FILE, vals)
         if self.feature_names:
-            self._files[LM_FEATURES_FILE].write(
-                np.ascontiguousarray(_as_numpy(lm_features), dtype=LM_FEATURES_DTYPE).tobytes())
+            self._out.append(LM_FEATURES_FILE, _as_numpy(lm_features))
         if self.with_counts:
-            self._files[COUNTS_FILE].write(np.ascontiguousarray(_as_numpy(counts), dtype=COUNTS_DTYPE).tobytes())
+            self._out.append(COUNTS_FILE, _as_numpy(counts))
         if self.query_dim:
-            self._files[QUERIES_FILE].write(np.ascontiguousarray(_as_numpy(queries), dtype=QUERIES_DTYPE).tobytes())
+            self._out.append(QUERIES_FILE, _as_numpy(queries))
         self.segments.extend(x for x in lengths if x > 0)
         self.n += n
 
     def commit(self) -> str:
         """Finish the files, write meta.json last, move into place; returns the path."""
-        for name, dtype, shape in self._layout(self.n):
-            f = self._files[name]
-            f.seek(0)
-            f.write(npy_header(dtype, shape))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        self._out.finish_arrays()
         segments = np.asarray(self.segments, dtype=SEGMENTS_DTYPE)
-        with open(os.path.join(self.partial_dir, SEGMENTS_FILE), "wb") as f:
-            f.write(npy_header(SEGMENTS_DTYPE, segments.shape))
-            f.write(segments.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        self._out.write_array(SEGMENTS_FILE, segments)
         meta = {key: value for key, value in self.meta.items() if key not in RESERVED_META}
         meta.update(
             format_version=FORMAT_VERSION,
@@ -275,14 +252,11 @@ class NeighborsWriter:
             meta.update(counts_dtype=COUNTS_DTYPE.name)
         if self.query_dim:
             meta.update(queries_dtype=QUERIES_DTYPE.name, query_dim=self.query_dim)
-        return commit_directory(self.partial_dir, self.final_dir, meta)
+        return self._out.commit(meta)
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        for f in self._files.values():
-            if not f.closed:
-                f.close()
-        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self._out.abort()
 
     def __enter__(self):
         return self
@@ -427,22 +401,10 @@ def read_neighbors(path: str) -> Neighbors:
         raise NeighborsError(f"{path} {what}; pass the directory written by --knn-save-neighbors")
     if os.path.exists(os.path.join(path, META_FILE)):
         return _read_single(path)
-    names = sorted(
-        n for n in os.listdir(path) if n.startswith("shard-") and not n.endswith(".partial")
-    )
-    if not names:
+    shard_dirs = find_shard_dirs(path, NeighborsError, RERUN)
+    if shard_dirs is None:
         return _read_single(path)  # raises: no meta.json
-    try:
-        num_shards = int(names[0].rsplit("-of-", 1)[1])
-    except (IndexError, ValueError):
-        raise NeighborsError(f"{path}/{names[0]} is not a shard directory; {RERUN}") from None
-    expected = [shard_dirname(i, num_shards) for i in range(num_shards)]
-    missing = sorted(set(expected) - set(names))
-    if missing:
-        raise NeighborsError(
-            f"{path} is missing shard(s) {', '.join(missing)}; run every --shard-id with the same --num-shards"
-        )
-    shards = [_read_single(os.path.join(path, name)) for name in expected]
+    shards = [_read_single(shard_dir) for shard_dir in shard_dirs]
     first = shards[0].meta
     for shard in shards[1:]:
         for field in SHARD_FIELDS:

@@ -11,16 +11,13 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from ..errors import first_line
+
 # Elements per step of a chunked scan: bounded memory whatever the array size.
 SCAN_ELEMENTS = 1 << 24
 # Entries named in a message before "...".
 NAMED_ENTRIES = 5
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def read_json_object(path: str, error, fix: str) -> Dict:
@@ -34,7 +31,7 @@ def read_json_object(path: str, error, fix: str) -> Dict:
     except OSError as e:
         raise error(f"cannot read {path} ({e.strerror}); {fix}") from None
     except (ValueError, RecursionError) as e:  # includes JSONDecodeError, UnicodeDecodeError
-        raise error(f"{path} is not valid JSON ({_first_line(e)}); {fix}") from None
+        raise error(f"{path} is not valid JSON ({first_line(e)}); {fix}") from None
     if not isinstance(obj, dict):
         raise error(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
     return obj
@@ -93,7 +90,7 @@ def open_npy(file: str, dtype, shape: Tuple[int, ...], header_bytes: int, error,
     try:
         arr = np.load(file, mmap_mode="r")
     except Exception as e:  # numpy raises many kinds for a damaged header; all mean the same
-        raise error(f"{file} is not a readable .npy file ({_first_line(e)}); {fix}") from None
+        raise error(f"{file} is not a readable .npy file ({first_line(e)}); {fix}") from None
     if arr.dtype != dtype or arr.shape != shape:
         raise error(
             f"{file} holds {arr.dtype} {arr.shape} by its header, {described_by} says {dtype} {shape}; {fix}"

@@ -14,14 +14,10 @@ SAME_RUN_FIELDS = ("sim_func", "dstore_fingerprint", "checkpoint_sha256", "dicti
 
 
 def load_dictionary(path: str, meta: dict):
-    from fairseq.data import Dictionary
-
+    from ..integration.artefacts import load_dictionary as read_dictionary
     from ..storage.datastore import dictionary_md5
 
-    try:
-        dictionary = Dictionary.load(path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise sw.SweepError(f"cannot read --dict {path} ({e}); pass the model's dict.txt") from None
+    dictionary = read_dictionary(path, sw.SweepError, "pass the model's dict.txt")
     if meta.get("dictionary_md5") and dictionary_md5(dictionary) != meta["dictionary_md5"]:
         raise sw.SweepError(
             f"--dict {path} is not the dictionary the neighbours were saved with "

@@ -18,7 +18,6 @@ directory, ``meta.json`` inside) only after all of them pass.
 """
 
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -27,23 +26,19 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserError
+from ..integration import artefacts
+from ..integration.keys import check_keytype
 from ..storage.datastore import (
     EXTERNAL_KEYS,
     FORMAT_VERSION,
-    META_FILE,
     VALS_DTYPE,
     VALS_FILE,
     VALS_RANGE,
-    check_can_write,
-    commit_directory,
     dictionary_md5,
-    file_sha256,
-    npy_header,
     sampled_rows_sha256,
-    write_json_atomic,
 )
-from ..errors import UserError
-from ..integration.keys import check_keytype, key_dim
+from ..storage.files import META_FILE, PartialDirectory, check_can_write, file_sha256, write_json_atomic
 
 PROG = "fairseq-knnlm-import"
 ORIGINAL = "urvashik/knnlm"
@@ -110,61 +105,6 @@ def open_original(prefix: str, size: int, dim: int, fp16: bool) -> Tuple[np.memm
     return keys, vals
 
 
-def split_tokens(data: str, split: str) -> np.ndarray:
-    """The binarized split's tokens in corpus order (a memory map): with
-    ``--sample-break-mode none`` these are the language model's targets."""
-    from fairseq.data.indexed_dataset import MMapIndexedDataset, data_file_path, index_file_path
-
-    prefix = os.path.join(data, split)
-    fix = "pass the data-bin directory (fairseq-preprocess output) and --gen-subset the datastore was made from"
-    if not MMapIndexedDataset.exists(prefix):
-        raise OriginalImportError(f"no binarized split {prefix}.bin/.idx; {fix}")
-    try:
-        index = MMapIndexedDataset.Index(index_file_path(prefix))
-    except (AssertionError, ValueError, OSError):
-        raise OriginalImportError(f"{prefix}.idx is not in fairseq's mmap format; {fix}") from None
-    try:
-        tokens = np.memmap(data_file_path(prefix), dtype=index.dtype, mode="r")
-    except (OSError, ValueError):  # e.g. an empty .bin
-        raise OriginalImportError(f"{prefix}.bin is unreadable; binarize the split again") from None
-    if len(tokens) != int(np.sum(index.sizes, dtype=np.int64)):
-        raise OriginalImportError(f"{prefix}.bin does not match {prefix}.idx; binarize the split again")
-    return tokens
-
-
-def load_dictionary(data: str):
-    from fairseq.data import Dictionary
-
-    path = os.path.join(data, "dict.txt")
-    if not os.path.isfile(path):
-        raise OriginalImportError(f"no {path}; pass the data-bin directory the model was trained with")
-    try:
-        return Dictionary.load(path)
-    except Exception as e:  # fairseq raises ValueError, RuntimeError, ... for a malformed dict.txt
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise OriginalImportError(
-            f"{path} is not a fairseq dictionary ({reason}); pass the data-bin directory the model was trained with"
-        ) from None
-
-
-def model_key_dim(checkpoint: str, data: str, keytype: str) -> int:
-    """Dimension of the model's ``keytype`` keys; loading the model with ``data``'s
-    dictionary also proves the two belong together."""
-    from fairseq import checkpoint_utils
-
-    if not os.path.isfile(checkpoint):
-        raise OriginalImportError(f"no checkpoint {checkpoint}; pass the model the datastore was made with to --path")
-    try:
-        models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": data})
-    except Exception as e:  # fairseq raises many kinds; all mean "not this model with this data"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise OriginalImportError(
-            f"cannot load {checkpoint} with the dictionary of {data} ({reason}); pass the model "
-            "and the data-bin the datastore was made with"
-        ) from None
-    return key_dim(models[0], keytype)
-
-
 def entries_start(n_tokens: int, size: int, first_token: Optional[int]) -> int:
     """Position in the split of entry 0's token.  The original skips the split's
     first block, so by default the entries are the split's last ``size`` tokens."""
@@ -194,7 +134,7 @@ def _check_range(vals: np.ndarray, dict_size: int, path: str, progress: bool) ->
 
 
 def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, dict_size: int,
-                           vals_path: str, out_file: str, progress: bool = True) -> Dict:
+                           vals_path: str, out: PartialDirectory, progress: bool = True) -> Dict:
     """Check the original's values against the split and write ours (int32) from the split.
 
     int64 values, and int16 values of a vocabulary that fits int16, must equal
@@ -210,11 +150,11 @@ def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, d
     if not rebuild:
         _check_range(stored, dict_size, vals_path, progress)
     mismatched, first_bad, wrong, lo_hi = 0, None, 0, [None, None]
-    with open(out_file, "wb") as out, tqdm(
+    out.stream(VALS_FILE, VALS_DTYPE)
+    with tqdm(
         total=size, desc="values: check against the split", unit="values", unit_scale=True,
         disable=not progress, file=sys.stderr,
     ) as bar:
-        out.write(npy_header(VALS_DTYPE, (size,)))
         for lo in range(0, size, VALUE_CHUNK):
             hi = min(lo + VALUE_CHUNK, size)
             expected = np.asarray(tokens[start + lo : start + hi]).astype(np.int64)
@@ -230,12 +170,10 @@ def check_and_write_values(stored: np.ndarray, tokens: np.ndarray, start: int, d
                 first_bad = lo + int(bad[0])
             mismatched += len(bad)
             wrong += int(np.count_nonzero(expected != got))
-            out.write(expected.astype(VALS_DTYPE).tobytes())
+            out.append(VALS_FILE, expected.astype(VALS_DTYPE))
             lo_hi = [int(expected.min()) if lo_hi[0] is None else min(lo_hi[0], int(expected.min())),
                      int(expected.max()) if lo_hi[1] is None else max(lo_hi[1], int(expected.max()))]
             bar.update(hi - lo)
-        out.flush()
-        os.fsync(out.fileno())
     if mismatched:
         i = first_bad
         how = " even modulo 2^16" if rebuild else ""
@@ -281,7 +219,9 @@ def import_original(
 ) -> Dict:
     """Import the original's ``PREFIX_keys.npy``/``PREFIX_vals.npy`` (and index) as
     a datastore at ``output``; returns its metadata (with ``index`` when adopted)."""
-    from ..index.core import INDEX_FILE, adopt_index, format_self_recall, meta_path, read_foreign_index, self_recall
+    from ..index.adopt import adopt_index, read_foreign_index
+    from ..index.files import INDEX_FILE, meta_path
+    from ..index.recall import format_self_recall, self_recall
 
     started = time.monotonic()
     check_keytype(keytype)
@@ -299,14 +239,15 @@ def import_original(
             raise OriginalImportError(
                 f"{path} lies inside --dstore {output}, which the import creates; choose another --dstore"
             )
-    check_can_write(output, overwrite, option="--dstore", overwrite_flag="--dstore-overwrite",
+    check_can_write(output, overwrite, what="datastore", option="--dstore", overwrite_flag="--dstore-overwrite",
                     error=OriginalImportError)
-    dictionary = load_dictionary(data)
-    tokens = split_tokens(data, split)
+    dictionary = artefacts.load_dictionary(
+        os.path.join(data, "dict.txt"), OriginalImportError, "pass the data-bin directory the model was trained with")
+    tokens = artefacts.split_tokens(data, split, OriginalImportError)
     start = entries_start(len(tokens), size, first_token)
     if index_file:
         index, metric = read_foreign_index(index_file, size, dim)
-    model_dim = model_key_dim(checkpoint, data, keytype)
+    model_dim = artefacts.model_key_dim(checkpoint, data, keytype, OriginalImportError)
     if model_dim != dim:
         raise OriginalImportError(
             f"the model's {keytype} keys have dimension {model_dim}, not --dim {dim}; pass the model "
@@ -315,14 +256,13 @@ def import_original(
     log(f"importing {size:,} entries of {dim}-dim {keys.dtype.name} keys from {prefix}_*.npy "
         f"(entries start at token {start:,} of {split}, {len(tokens):,} tokens) -> {output}")
 
-    partial = output + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
-    os.makedirs(partial)
+    out = PartialDirectory(output)
+    partial = out.path
     try:
         source = f"{os.path.join(data, split)} from token {start:,}"
         checked = check_and_write_values(stored, tokens, start, len(dictionary), stored.filename,
-                                         os.path.join(partial, VALS_FILE), progress)
+                                         out, progress)
+        out.finish_arrays()  # the store is opened (to adopt the index) before it is committed
         log(values_report(checked, size, stored.dtype, source))
         recall = None
         if index_file:
@@ -372,9 +312,9 @@ def import_original(
                                         output=os.path.join(partial, INDEX_FILE))
             meta["index"]["datastore_path"] = output
             write_json_atomic(meta_path(os.path.join(partial, INDEX_FILE)), meta["index"])
-        commit_directory(partial, output, {k: v for k, v in meta.items() if k != "index"})
+        out.commit({k: v for k, v in meta.items() if k != "index"})
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        out.abort()
         raise
     log(f"wrote datastore {output} ({META_FILE} references {keys.filename}; no keys copied)")
     if index_file:

@@ -21,19 +21,19 @@ import os
 import shutil
 import sys
 import time
+import zipfile
+import zlib
 from typing import Callable, Dict, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from ..storage.datastore import (
-    Datastore,
-    DatastoreWriter,
-    check_can_write,
-    write_json_atomic,
-)
+from ..storage.datastore import Datastore, DatastoreWriter
+from ..storage.files import check_can_write, write_json_atomic
 from ..errors import UserError
-from ..index.core import KeyReader, default_index_path, load_index
+from ..index.files import default_index_path
+from ..index.load import load_index
+from ..index.reader import KeyReader
 
 PROG = "fairseq-knnlm-prune"
 STATE_SUFFIX = ".prune-state"
@@ -41,6 +41,10 @@ PLAN_FILE = "plan.json"
 STATE_FILE = "state.npz"
 FORMAT_VERSION = 1
 WRITE_CHUNK = 1 << 16
+# What numpy and zipfile raise for a truncated or corrupted state.npz or plan.json
+# (json's errors are ValueErrors); anything else (a bug, MemoryError, a failing
+# disk) propagates and leaves the checkpoint in place.
+DAMAGED_CHECKPOINT = (ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 # Fields the writer or this command sets on the pruned store's meta.json.
 _REPLACED_META = ("id", "size", "created", "counts_dtype", "pruned", "shard_id", "num_shards")
 
@@ -95,11 +99,11 @@ def greedy_merge(entry_ids: np.ndarray, neighbor_ids: np.ndarray, candidates: np
 # ------------------------------------------------------------ the command
 def _check_args(ds: Datastore, output: str, k: int, nprobe: int, batch_size: int) -> None:
     if k < 1:
-        raise PruneError(f"--k must be at least 1, got {k}")
+        raise PruneError(f"--merge-k must be at least 1, got {k}")
     if k >= ds.size:
-        raise PruneError(f"--k {k} needs more than the datastore's {ds.size} entries; lower --k")
+        raise PruneError(f"--merge-k {k} needs more than the datastore's {ds.size} entries; lower --merge-k")
     if nprobe < 1:
-        raise PruneError(f"--nprobe must be at least 1, got {nprobe}")
+        raise PruneError(f"--probe must be at least 1, got {nprobe}")
     if batch_size < 1:
         raise PruneError(f"--batch-size must be at least 1, got {batch_size}")
     if os.path.commonpath([output, ds.path]) in (output, ds.path):
@@ -110,22 +114,37 @@ def _load_state(state_dir: str, plan: Dict, size: int, initial_counts: np.ndarra
     """(position, counts, alive, absorbed): a checkpoint with the same plan, or a fresh start."""
     plan_path, state_path = os.path.join(state_dir, PLAN_FILE), os.path.join(state_dir, STATE_FILE)
     if os.path.exists(plan_path) and os.path.exists(state_path):
-        try:
-            with open(plan_path) as f:
-                same = json.load(f) == plan
-            if same:
-                with np.load(state_path) as z:
-                    state = int(z["position"]), z["counts"].copy(), z["alive"].copy(), z["absorbed"].copy()
-                if _consistent(state, size, initial_counts):
-                    log(f"resuming the pruning saved in {state_dir}: {state[0]:,} of {size:,} entries visited")
-                    return state
-        except Exception:  # a damaged checkpoint (truncated zip, wrong arrays, ...) only costs the time
-            pass
+        state = _read_state(state_path) if _read_plan(plan_path) == plan else None
+        if state is not None and _consistent(state, size, initial_counts):
+            log(f"resuming the pruning saved in {state_dir}: {state[0]:,} of {size:,} entries visited")
+            return state
         log(f"discarding the unfinished pruning in {state_dir} (other settings or unreadable)")
     shutil.rmtree(state_dir, ignore_errors=True)
     os.makedirs(state_dir)
     write_json_atomic(plan_path, plan)
     return 0, initial_counts, np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
+
+
+def _read_plan(plan_path: str) -> Optional[Dict]:
+    """The checkpoint's plan, or None if plan.json is damaged."""
+    try:
+        with open(plan_path) as f:
+            return json.load(f)
+    except DAMAGED_CHECKPOINT:
+        return None
+
+
+def _read_state(state_path: str):
+    """The checkpointed (position, counts, alive, absorbed), or None if state.npz is damaged."""
+    try:
+        with np.load(state_path) as z:
+            position = z["position"]
+            arrays = tuple(z[name].copy() for name in ("counts", "alive", "absorbed"))
+    except DAMAGED_CHECKPOINT:
+        return None
+    if position.shape != () or not np.issubdtype(position.dtype, np.integer):
+        return None
+    return (int(position),) + arrays
 
 
 def _consistent(state, size: int, initial_counts: np.ndarray) -> bool:
@@ -226,7 +245,7 @@ def prune_datastore(
 
     kept = np.nonzero(alive)[0]
     if int(counts[kept].max(initial=1)) > np.iinfo(np.int32).max:
-        raise PruneError("an entry would stand for more than 2**31 entries; prune with a smaller --k")
+        raise PruneError("an entry would stand for more than 2**31 entries; prune with a smaller --merge-k")
     meta = {key: value for key, value in ds.meta.items() if key not in _REPLACED_META}
     meta.update(
         shard_id=0,
