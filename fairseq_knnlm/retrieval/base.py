@@ -10,6 +10,13 @@ a retrieval idea plugs in as (:mod:`fairseq_knnlm.scoring.pipeline` runs them).
 
 Rows not selected keep the LM's log-probability; the neighbours' weights and
 the interpolation are the pipeline's (:mod:`fairseq_knnlm.scoring.knn_math`).
+A new idea is one class, e.g. a selector that searches every other position::
+
+    class EveryOther(Selector):
+        def select(self, batch):
+            return np.arange(len(batch.queries)) % 2 == 0
+
+    KNNPipeline(SearchNeighbours(retriever), lmbda, temperature, selector=EveryOther())
 """
 
 from abc import ABC, abstractmethod
