@@ -1,4 +1,4 @@
-"""Nearest-neighbour retrieval: queries in, (distances, values) of the k nearest keys out."""
+"""Nearest-neighbour retrieval: queries in, the Neighbours of their k nearest keys out."""
 
 from typing import Optional
 
