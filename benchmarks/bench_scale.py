@@ -174,8 +174,8 @@ def worker_distributed(args) -> dict:
     load = time.perf_counter() - start
 
     def search(q):
-        dists, _, ids = retriever.search(torch.from_numpy(q), with_ids=True)
-        return dists.numpy(), ids
+        found = retriever.search(torch.from_numpy(q))
+        return found.dists.numpy(), found.ids
 
     dist.barrier()
     seconds = _search_all(search, mine, os.path.join(args.workdir, f"first-distributed-rank{rank}"))

@@ -184,8 +184,9 @@ def run_args(k, probe, sim_func, candidates):
 
 
 def search(retriever, q, pruned):
-    got = retriever.search(torch.from_numpy(q), **({"with_counts": True} if pruned else {"with_ids": True}))
-    return [x.numpy() if isinstance(x, torch.Tensor) else x for x in got]
+    got = retriever.search(torch.from_numpy(q))
+    third = got.counts if pruned else got.ids
+    return [x.numpy() if isinstance(x, torch.Tensor) else x for x in (got.dists, got.vals, third)]
 
 
 def rank_main(rank, world, init_file, stores, out_dir):

@@ -11,17 +11,17 @@ handed when ``--knnlm`` is on.
 
 Keys come from forward hooks, so they are whatever the decoder just computed:
 during incremental decoding that is only the new step of every hypothesis,
-and those rows are searched in one FAISS call per step.
+and those rows go through the kNN-LM pipeline (:mod:`fairseq_knnlm.scoring.pipeline`),
+one FAISS call per step, with the task's settings of the moment.
 """
 
-import math
 from typing import Optional
 
-import numpy as np
 import torch
 
-from ..retrieval import adaptive
-from ..scoring import knn_math
+from ..retrieval.base import Batch
+from ..scoring.knn_math import knnlm_log_probs  # noqa: F401  (its documented import path)
+from ..scoring.pipeline import PipelineStats, build_pipeline
 from ..errors import UserError
 from .keys import check_keytype, key_dim, last_ffn_module
 
@@ -30,43 +30,6 @@ _ATTR = "_knnlm_generation"  # where attach_knnlm keeps its state on a model
 
 class GenerationError(UserError):
     pass
-
-
-# ------------------------------------------------------------------ the maths
-def knnlm_log_probs(
-    lm_log_probs: torch.Tensor,
-    dists: torch.Tensor,
-    vals: torch.Tensor,
-    lmbda: float,
-    temperature: float,
-    counts: torch.Tensor = None,
-) -> torch.Tensor:
-    """The kNN-LM's full distribution: log(λ p_kNN + (1-λ) p_LM) for every token.
-
-    lm_log_probs (n, V) natural log; dists, vals (and the counts of a pruned
-    datastore) (n, k) as the retriever returns them.  A row whose neighbours
-    are all missing (an IVF search that found nothing) has no kNN
-    distribution, so it keeps the LM's: generation needs every row to sum to 1.
-    """
-    if lmbda == 0:
-        return lm_log_probs
-    lm = lm_log_probs.float()
-    # p_kNN is zero outside the (at most k) neighbour tokens, so the mixture is
-    # log(1-λ) + log p_LM everywhere else; only the neighbour tokens need a
-    # logaddexp.  This avoids a log and a logaddexp over the whole vocabulary
-    # at every decoding step.
-    knn_p = lm.new_zeros(lm.shape)  # the full-vocabulary kNN distribution
-    weights = knn_math.neighbor_log_weights(dists, temperature, counts).exp().masked_fill(vals < 0, 0.0)
-    tokens = vals.long().clamp(min=0)
-    knn_p.scatter_add_(-1, tokens, weights)
-    log_keep = math.log1p(-lmbda) if lmbda < 1 else -math.inf
-    mixed = lm + log_keep
-    at_tokens = torch.logaddexp(
-        lm.gather(-1, tokens) + log_keep, knn_p.gather(-1, tokens).log() + math.log(lmbda)
-    )
-    mixed.scatter_(-1, tokens, at_tokens)  # repeated tokens write the same value
-    found = (vals >= 0).any(dim=-1, keepdim=True)
-    return torch.where(found, mixed, lm).to(lm_log_probs.dtype)
 
 
 # ------------------------------------------------------------------- the keys
@@ -160,56 +123,27 @@ class _Attachment:
         self.task = task
         self.original = original
         self.keys = StepKeys(model, task.args.knn_keytype)
-        self.searches = 0  # FAISS calls made, one per decoder step
-        self.retrieval_counts = [0, 0]  # rows searched, rows decided (--knn-retrieval-predictor)
+        # searches: FAISS calls made, one per decoder step; selected/decided: rows under
+        # --knn-retrieval-predictor
+        self.stats = PipelineStats()
 
     def normalized_probs(self, net_output, log_probs, sample=None):
         lm_lp = self.original(net_output, log_probs=True, sample=sample)
-        args = self.task.args
-        if args.lmbda == 0:
+        if self.task.args.lmbda == 0:
             # The plain LM, bit for bit, and no search.
             return lm_lp if log_probs else lm_lp.exp()
         bsz, tsz, vocab = lm_lp.shape
         queries = self.keys.take(bsz, tsz).reshape(bsz * tsz, -1)
-        selected = self._retrieval_selection(lm_lp.reshape(bsz * tsz, vocab))
-        if selected is not None and not bool(selected.all()):
-            mixed = self._mix_selected(lm_lp.reshape(bsz * tsz, vocab), queries, selected).view(bsz, tsz, vocab)
-            return mixed if log_probs else mixed.exp()
-        dists, vals, counts = self.task.retriever.search(queries, with_counts=True)
-        self.searches += 1
-        mixed = knnlm_log_probs(
-            lm_lp.reshape(bsz * tsz, vocab), dists, vals, args.lmbda, args.knn_temp, counts
-        ).view(bsz, tsz, vocab)
+        # built at every call: the task's λ, temperature and predictor may change between calls
+        pipeline = build_pipeline(self.task, self.stats)
+        mixed = pipeline.vocab_log_probs(Batch(queries, lm_lp.reshape(bsz * tsz, vocab))).view(bsz, tsz, vocab)
         return mixed if log_probs else mixed.exp()
-
-    def _retrieval_selection(self, lm_lp):
-        """(n,) bool: the rows (hypotheses at this step) --knn-retrieval-predictor sends to the
-        search, from the LM's own distribution; None without a predictor."""
-        predictor = getattr(self.task, "retrieval_predictor", None)
-        if predictor is None:
-            return None
-        scores = predictor.score(adaptive.lm_features(lm_lp))
-        selected = predictor.select(scores, self.task.retrieval_threshold)
-        self.retrieval_counts[0] += int(selected.sum())
-        self.retrieval_counts[1] += len(selected)
-        return torch.from_numpy(selected).to(lm_lp.device)
-
-    def _mix_selected(self, lm_lp, queries, selected):
-        """The kNN-LM distribution for the selected rows, searched alone; the others keep the LM's."""
-        mixed = lm_lp.clone()
-        rows = selected.nonzero().squeeze(1)
-        if rows.numel():
-            args = self.task.args
-            dists, vals, counts = self.task.retriever.search(queries[rows], with_counts=True)
-            self.searches += 1
-            mixed[rows] = knnlm_log_probs(lm_lp[rows], dists, vals, args.lmbda, args.knn_temp, counts)
-        return mixed
 
 
 def retrieval_counts(model):
     """(rows searched, rows decided) under --knn-retrieval-predictor since attaching ((0, 0) otherwise)."""
     attached = getattr(model, _ATTR, None)
-    return tuple(attached.retrieval_counts) if attached is not None else (0, 0)
+    return (attached.stats.selected, attached.stats.decided) if attached is not None else (0, 0)
 
 
 def attach_knnlm(model, task) -> None:
@@ -260,4 +194,4 @@ def is_attached(model) -> bool:
 def search_count(model) -> int:
     """How many FAISS searches the attached model has made (0 if not attached)."""
     attached = getattr(model, _ATTR, None)
-    return attached.searches if attached is not None else 0
+    return attached.stats.searches if attached is not None else 0

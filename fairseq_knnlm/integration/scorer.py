@@ -2,8 +2,9 @@
 
 Per batch it runs the model once, takes the hidden states at the scored
 positions (targets after the context window, not padding) and then either
-streams them to the datastore (``--save-knnlm-dstore``) or searches them all
-in one FAISS call and interpolates (``--knnlm``).  LM probabilities are only
+streams them to the datastore (``--save-knnlm-dstore``) or hands them to the
+kNN-LM pipeline (``--knnlm``, the continuous cache: :mod:`fairseq_knnlm.scoring.pipeline`).
+LM probabilities are only
 computed at scored positions, which is what makes both passes cheaper than a
 plain evaluation that normalises over the context window too.
 """
@@ -11,15 +12,16 @@ plain evaluation that normalises over the context window too.
 import logging
 import sys
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from fairseq import utils as fairseq_utils
 
 from ..retrieval import adaptive
-from ..scoring import knn_math
+from ..retrieval.base import Batch
 from ..scoring.cache import make_cache
+from ..scoring.pipeline import NeighboursSaver, PipelineStats, build_pipeline
 from ..storage.datastore import DatastoreWriter
 from ..errors import UserError
 from .keys import KeyCapture
@@ -61,16 +63,12 @@ def lm_target_log_probs(model, features, extra, targets, chunk: int, lm_features
     return torch.cat(out) if out else features.new_zeros(0)
 
 
-class _Batch(NamedTuple):
-    """A batch after the model's forward pass: what the search step needs."""
+class _Prepared(NamedTuple):
+    """A batch after the model's forward pass: the pipeline's input and where its rows go."""
 
     mask: torch.Tensor  # (bsz, tsz) scored positions
     keep_rows: torch.Tensor  # (bsz,) rows scored (not priming context)
-    targets: torch.Tensor  # (n,) scored targets
-    lm_lp: torch.Tensor  # (n,) log p_LM(target)
-    lm_feats: Optional[torch.Tensor]  # (n, f) adaptive-retrieval features, or None
-    queries: torch.Tensor  # (n, dim) kNN keys
-    ids: Optional[torch.Tensor] = None  # (kept rows,) sample ids: the continuous cache checks their order
+    batch: Batch  # the scored positions, row after row
 
 
 class KNNSequenceScorer:
@@ -84,12 +82,22 @@ class KNNSequenceScorer:
         self.pad = tgt_dict.pad()
         self.chunk = min(softmax_batch or sys.maxsize, 4096)
         self.dstore_writer = None
-        self.neighbors_writer = None
         self.capture = None
         self.tokens = 0
-        self.retrieval_counts = [0, 0]  # tokens searched, tokens decided (--knn-retrieval-predictor)
         self.overlap = None  # --knn-overlap's SearchOverlap, made at the first batch
-        self.cache = make_cache(self.args)  # --knn-cache-size's continuous cache (cache.py), or None
+        self.stats = PipelineStats()
+        self.pipeline = None
+        if not self.args.save_knnlm_dstore:
+            cache = make_cache(self.args)  # --knn-cache-size's continuous cache (cache.py), or None
+            saver = None
+            if self.args.knnlm and self.args.knn_save_neighbors:
+                saver = NeighboursSaver(
+                    self.task.neighbors_output_path(), self.args.k, self._neighbors_info,
+                    fp16_dists=self.args.knn_save_neighbors_fp16,
+                    overwrite=self.args.knn_save_neighbors_overwrite,
+                    with_queries=cache is not None,  # the keys the cache sweep needs, only then
+                )
+            self.pipeline = build_pipeline(task, self.stats, cache=cache, saver=saver)
 
     # ----------------------------------------------------------- main entry
     @torch.no_grad()
@@ -102,18 +110,18 @@ class KNNSequenceScorer:
             self.capture = KeyCapture(model, self.args.knn_keytype)
 
         if getattr(self.args, "knn_overlap", False):
-            batch, scores = self._overlapped(model, sample)
+            prepared, scores = self._overlapped(model, sample)
         else:
-            batch = self._prepare(model, sample)
+            prepared = self._prepare(model, sample)
             if self.args.save_knnlm_dstore:
-                self._write_dstore(batch.queries, batch.targets)
-                scores = batch.lm_lp
+                self._write_dstore(prepared.batch.queries, prepared.batch.targets)
+                scores = prepared.batch.lm_lp
             else:
-                scores = self._search_step(batch)
-        self.tokens += batch.targets.numel()
-        return self._hypos(batch.mask, batch.keep_rows, batch.targets, scores)
+                scores = self._search_step(prepared)
+        self.tokens += prepared.batch.targets.numel()
+        return self._hypos(prepared.mask, prepared.keep_rows, prepared.batch.targets, scores)
 
-    def _prepare(self, model, sample) -> "_Batch":
+    def _prepare(self, model, sample) -> _Prepared:
         """The model's part of a batch: forward pass, scored positions, LM log-probs, keys."""
         features, extra = model(**sample["net_input"], features_only=True)
         keys = self.capture.keys(features)
@@ -128,21 +136,12 @@ class KNNSequenceScorer:
         if lm_feats is not None:  # (0, f) for a batch without scored tokens (a shard's priming context)
             empty = torch.zeros(0, len(adaptive.FEATURE_NAMES), device=targets.device)
             lm_feats = torch.cat(lm_feats) if lm_feats else empty
-        queries = keys[mask]
-        return _Batch(mask, keep_rows, targets, lm_lp, lm_feats, queries, sample["id"][keep_rows])
+        batch = Batch(keys[mask], lm_lp, targets, mask.sum(dim=1), lm_feats, sample["id"][keep_rows])
+        return _Prepared(mask, keep_rows, batch)
 
-    @torch.no_grad()  # grad mode is per thread: also when run by --knn-overlap's worker
-    def _search_step(self, batch: "_Batch"):
-        """The retrieval's part of a batch: search, kNN probabilities, interpolation, then the
-        continuous cache (in batch order, also under --knn-overlap)."""
-        scores = batch.lm_lp
-        if self.args.knnlm:
-            scores = self._knn_scores(
-                batch.queries, batch.targets, batch.lm_lp, batch.mask.sum(dim=1), lm_features=batch.lm_feats
-            )
-        if self.cache is not None:
-            scores = self.cache(batch.queries, batch.targets, scores, batch.ids)
-        return scores
+    def _search_step(self, prepared: _Prepared):
+        """The retrieval's part of a batch, the pipeline (also in --knn-overlap's worker)."""
+        return self.pipeline.target_log_probs(prepared.batch)
 
     def _overlapped(self, model, sample):
         """--knn-overlap: this batch's search step runs in a worker thread while the
@@ -195,106 +194,34 @@ class KNNSequenceScorer:
         )
 
     # ------------------------------------------------------------ kNN-LM
-    def _knn_scores(self, queries, targets, lm_lp, row_lengths, lm_features=None):
-        if self.args.lmbda == 0 and self.args.knn_save_neighbors is None:
-            return lm_lp  # λ = 0 is the plain LM: skip the search entirely
-        selected = self._retrieval_selection(lm_features)
-        if self.task.pointers is not None:
-            return self._pointer_knn_scores(queries, targets, lm_lp, row_lengths, selected, lm_features)
-        if selected is not None and not bool(selected.all()):
-            return self._selective_knn_scores(queries, targets, lm_lp, selected)
-        # counts: entry weights of a pruned datastore, None otherwise
-        dists, vals, counts = self.task.retriever.search(queries, with_counts=True)
-        knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp, counts)
-        if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, counts, queries)
-        return knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
-
-    def _pointer_knn_scores(self, queries, targets, lm_lp, row_lengths, selected, lm_features):
-        """--knn-pointers: each token's neighbours come from pointers or from a search (pointers.py).
-
-        Saved neighbours are the ones used: pointer candidates sorted by distance, padded (+inf, -1).
-        """
-        dists, vals = self.task.pointers.score_rows(queries, targets, row_lengths, selected)
-        knn_lp = knn_math.knn_target_log_probs(dists, vals, targets, self.args.knn_temp)
-        if self.args.knn_save_neighbors:
-            self._write_neighbors(targets, lm_lp, dists, vals, row_lengths, lm_features, queries=queries)
-        scores = knn_math.interpolate(lm_lp, knn_lp, self.args.lmbda)
-        return scores if selected is None else torch.where(selected, scores, lm_lp)
-
-    # ------------------------------------------------- adaptive retrieval
     def _wants_lm_features(self) -> bool:
         """LM features are computed to be saved with neighbours or to decide which tokens to search."""
         return bool(self.args.knnlm) and (
             bool(self.args.knn_save_neighbors) or getattr(self.task, "retrieval_predictor", None) is not None
         )
 
-    def _retrieval_selection(self, lm_features):
-        """(n,) bool: tokens --knn-retrieval-predictor sends to the search; None without one."""
-        predictor = getattr(self.task, "retrieval_predictor", None)
-        if predictor is None:
-            return None
-        selected = predictor.select(predictor.score(lm_features), self.task.retrieval_threshold)
-        self.retrieval_counts[0] += int(selected.sum())
-        self.retrieval_counts[1] += len(selected)
-        return torch.from_numpy(selected).to(lm_features.device)
-
-    def _selective_knn_scores(self, queries, targets, lm_lp, selected):
-        """kNN-LM scores for the selected tokens, searched alone; the others keep the LM's."""
-        scores = lm_lp.clone()
-        rows = selected.nonzero().squeeze(1)
-        if rows.numel():
-            dists, vals, counts = self.task.retriever.search(queries[rows], with_counts=True)
-            knn_lp = knn_math.knn_target_log_probs(dists, vals, targets[rows], self.args.knn_temp, counts)
-            scores[rows] = knn_math.interpolate(lm_lp[rows], knn_lp, self.args.lmbda)
-        return scores
-
-    def _write_neighbors(self, targets, lm_lp, dists, vals, row_lengths, lm_features=None, counts=None,
-                         queries=None):
-        keys = queries if self.cache is not None else None  # what the cache sweep needs, only then
-        if self.neighbors_writer is None:
-            from ..storage.neighbors import NeighborsWriter
-
-            info = self.task.run_info()
-            info.update(
-                k=self.args.k,
-                sim_func=str(self.args.knn_sim_func),
-                lmbda=self.args.lmbda,
-                knn_temp=self.args.knn_temp,
-                probe=self.args.probe,
-                candidates=self.task.retriever.candidates,
-                faiss_params=self.args.knn_faiss_params,
-                pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,
-                cache_size=self.args.knn_cache_size,
-                cache_theta=self.args.knn_cache_theta,
-                cache_lmbda=self.args.knn_cache_lmbda,
-                dstore=self.task.datastore.path,
-                dstore_fingerprint=self.task.datastore.fingerprint,
-                dstore_size=self.task.datastore.size,
-                shard_id=self.task.shard_id,
-                num_shards=self.task.num_shards,
-            )
-            self.neighbors_writer = NeighborsWriter(
-                self.task.neighbors_output_path(),
-                self.args.k,
-                info,
-                fp16_dists=self.args.knn_save_neighbors_fp16,
-                overwrite=self.args.knn_save_neighbors_overwrite,
-                feature_names=adaptive.FEATURE_NAMES if lm_features is not None else None,
-                with_counts=counts is not None,
-                query_dim=None if keys is None else keys.size(-1),
-            )
-        self.neighbors_writer.append(
-            targets.cpu().numpy(),
-            lm_lp.cpu().numpy(),
-            dists.cpu().numpy(),
-            vals.to(torch.int32).cpu().numpy(),
-            # eval-lm sums scores per sequence in float32; the sweep repeats that exactly.
-            lengths=row_lengths.cpu().numpy(),
-            lm_features=None if lm_features is None else lm_features.cpu().numpy(),
-            counts=None if counts is None else counts.cpu().numpy(),
-            queries=None if keys is None else keys.float().cpu().numpy(),
+    def _neighbors_info(self) -> dict:
+        """What a saved neighbours file records about the run."""
+        info = self.task.run_info()
+        info.update(
+            k=self.args.k,
+            sim_func=str(self.args.knn_sim_func),
+            lmbda=self.args.lmbda,
+            knn_temp=self.args.knn_temp,
+            probe=self.args.probe,
+            candidates=self.task.retriever.candidates,
+            faiss_params=self.args.knn_faiss_params,
+            pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,
+            cache_size=self.args.knn_cache_size,
+            cache_theta=self.args.knn_cache_theta,
+            cache_lmbda=self.args.knn_cache_lmbda,
+            dstore=self.task.datastore.path,
+            dstore_fingerprint=self.task.datastore.fingerprint,
+            dstore_size=self.task.datastore.size,
+            shard_id=self.task.shard_id,
+            num_shards=self.task.num_shards,
         )
+        return info
 
     # ------------------------------------------------------------ the end
     def finish(self):
@@ -323,14 +250,16 @@ class KNNSequenceScorer:
             )
         if self.task.pointers is not None and self.task.pointers.tokens:
             logger.info(self.task.pointers.report())  # benchmarks parse this line
-        if self.cache is not None and self.cache.tokens:
-            logger.info(self.cache.describe())
-        if self.retrieval_counts[1]:
-            searched, decided = self.retrieval_counts
+        cache = self.pipeline.cache if self.pipeline is not None else None
+        if cache is not None and cache.tokens:
+            logger.info(cache.describe())
+        if self.stats.decided:
+            searched, decided = self.stats.selected, self.stats.decided
             logger.info(f"adaptive retrieval: searched {searched:,} of {decided:,} scored tokens "
                         f"({searched / decided:.4f}); the others kept the LM's log-probability")
-        if self.neighbors_writer is not None:
-            path = self.neighbors_writer.commit()
+        saver = self.pipeline.saver if self.pipeline is not None else None
+        path = saver.commit() if saver is not None else None
+        if path is not None:
             logger.info(f"neighbours of {self.tokens:,} tokens saved to {path}")
         if self.capture is not None:
             self.capture.remove()

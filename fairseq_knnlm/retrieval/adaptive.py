@@ -26,6 +26,7 @@ import torch
 
 from ..storage.files import write_json_atomic
 from ..errors import UserError
+from .base import Batch, Selector
 
 FEATURE_NAMES = ("lm_entropy", "lm_max_log_prob", "lm_top2_gap")
 FEATURE_HELP = {
@@ -234,6 +235,20 @@ def fraction_thresholds(scores: np.ndarray, fractions: Sequence[float]) -> Dict[
         else:
             out[f] = float(ranked[m - 1])
     return out
+
+
+# ------------------------------------------------------------ the pipeline's stage
+class PredictedRows(Selector):
+    """--knn-retrieval-predictor as the pipeline's selector: the rows whose score reaches
+    ``threshold``, from the batch's LM features (or, in generation, from its LM distribution)."""
+
+    def __init__(self, predictor: RetrievalPredictor, threshold: float):
+        self.predictor = predictor
+        self.threshold = threshold
+
+    def select(self, batch: Batch) -> np.ndarray:
+        features = batch.lm_features if batch.lm_features is not None else lm_features(batch.lm_lp)
+        return self.predictor.select(self.predictor.score(features), self.threshold)
 
 
 # ------------------------------------------------------------ the run's flags

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .base import Neighbours, Retriever
 from .retriever import KNNRetriever
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def on_this_gpu(index: faiss.Index) -> faiss.Index:
 # ---------------------------------------------------------------- the retriever
 
 
-class DistributedRetriever:
+class DistributedRetriever(Retriever):
     """:class:`KNNRetriever`'s ``search`` over the pieces of all ranks.
 
     ``local`` searches this rank's pieces (its ``index``; ``datastore`` is the
@@ -227,18 +228,16 @@ class DistributedRetriever:
     def metric(self) -> str:
         return self.local.metric
 
-    def search(self, queries: torch.Tensor, with_counts: bool = False, with_ids: bool = False):
+    def search(self, queries: torch.Tensor) -> Neighbours:
         """As :meth:`KNNRetriever.search`, over the whole store; every rank must call
         ``search`` or :meth:`serve_until_done` for the round to complete."""
-        if self.datastore.counts is not None and not with_counts:
-            raise RuntimeError("a pruned datastore was searched without its counts; pass with_counts=True")
         if self.finished:
             raise RuntimeError("search after serve_until_done: the other ranks no longer answer")
         device = queries.device
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         self.queries_searched += len(q)
         top = self._round(q, done=False)
-        return self._results(top, device, with_counts, with_ids)
+        return self._results(top, device)
 
     def serve_until_done(self) -> None:
         """Answer the other ranks' rounds, with no queries of its own, until every rank is done."""
@@ -300,8 +299,8 @@ class DistributedRetriever:
             records["count"] = np.where(missing, 1, self.datastore.counts[safe.reshape(-1)].reshape(ids.shape))
         return records
 
-    def _results(self, top: np.ndarray, device, with_counts: bool, with_ids: bool):
-        """KNNRetriever.search's outputs from merged records."""
+    def _results(self, top: np.ndarray, device) -> Neighbours:
+        """KNNRetriever.search's Neighbours from merged records."""
         ids = np.ascontiguousarray(top["id"])
         missing = ids < 0
         vals = top["val"].astype(np.int64)
@@ -312,16 +311,12 @@ class DistributedRetriever:
             dists = top["exact"]
         dists = torch.from_numpy(np.ascontiguousarray(dists)).float()
         dists = dists.masked_fill(torch.from_numpy(missing), float("inf"))
-        vals = torch.from_numpy(vals).to(device)
-        if with_ids:
-            return dists.to(device), vals, ids
-        if with_counts:
-            if "count" not in self.record.names:
-                return dists.to(device), vals, None
+        counts = None
+        if "count" in self.record.names:
             counts = top["count"].astype(np.int32)
             counts[missing] = 1
-            return dists.to(device), vals, torch.from_numpy(counts).to(device)
-        return dists.to(device), vals
+            counts = torch.from_numpy(counts).to(device)
+        return Neighbours(dists.to(device), torch.from_numpy(vals).to(device), counts, ids)
 
     # ------------------------------------------------------------ collectives
     def _on_device(self):

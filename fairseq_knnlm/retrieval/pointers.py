@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .base import Batch, NeighbourSource, Neighbours, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ class Pointers:
         taken in order, the j-th tokens of all rows together (one search call).
         ``selected`` (n,) bool: tokens to score at all; an unselected token
         leaves no candidates, so the row's next token is searched.
-        Returns dists (n, k) float32 and vals (n, k) int64 on queries' device.
+        Returns their Neighbours: dists (n, k) float32 and vals (n, k) int64 on
+        queries' device, datastore ids (n, k) int64 numpy.
         """
         device = queries.device
         n = int(targets.numel())
@@ -168,33 +170,50 @@ class Pointers:
             rows = np.arange(n) if sel is None else np.nonzero(sel)[0]
             dists = np.full((n, self.k), np.inf, dtype=np.float32)
             vals = np.full((n, self.k), -1, dtype=np.int64)
+            ids = np.full((n, self.k), -1, dtype=np.int64)
             if len(rows) == n:  # the plain path: one search call
-                dists, vals, _ = self.search(queries)
+                dists, vals, ids = self.search(queries)
             elif len(rows):
-                dists[rows], vals[rows], _ = self.search(queries[torch.from_numpy(rows).to(device)])
+                dists[rows], vals[rows], ids[rows] = self.search(queries[torch.from_numpy(rows).to(device)])
             self.tokens += len(rows)
             self.searched += len(rows)
-            return torch.from_numpy(dists).to(device), torch.from_numpy(vals).to(device)
+            return Neighbours(torch.from_numpy(dists).to(device), torch.from_numpy(vals).to(device), None, ids)
         lengths = np.asarray(torch.as_tensor(row_lengths).cpu(), dtype=np.int64)
         starts = np.cumsum(lengths) - lengths
         tgt = np.asarray(targets.cpu(), dtype=np.int64)
         dists = np.empty((n, self.k), dtype=np.float32)
         vals = np.empty((n, self.k), dtype=np.int64)
+        ids = np.empty((n, self.k), dtype=np.int64)
         state = self.empty_state(len(lengths))
         for j in range(int(lengths.max(initial=0))):
             rows = np.nonzero(lengths > j)[0]
             pos = starts[rows] + j
             pick = None if sel is None else sel[pos]
             d, v, i = self.step(queries[torch.from_numpy(pos).to(device)], state[rows], pick)
-            dists[pos], vals[pos] = d, v
+            dists[pos], vals[pos], ids[pos] = d, v, i
             state[rows] = follow(i, v, tgt[pos], self.ends, self.k)
-        return torch.from_numpy(dists).to(device), torch.from_numpy(vals).to(device)
+        return Neighbours(torch.from_numpy(dists).to(device), torch.from_numpy(vals).to(device), None, ids)
 
     def report(self) -> str:
         """The end-of-run line: how many of the decided tokens were searched."""
         saved = 1 - self.searched / self.tokens if self.tokens else 0.0
         return (f"kNN pointers: searched {self.searched:,} of {self.tokens:,} tokens; "
                 f"{saved:.2%} of searches saved (min candidates {self.min_candidates})")
+
+
+class PointerNeighbours(NeighbourSource):
+    """--knn-pointers as the pipeline's neighbour source: a batch's sequences are
+    followed token after token (:meth:`Pointers.score_rows`), so it needs the
+    scored targets and row lengths of eval-lm's batches.  The neighbours given are
+    the ones used: pointer candidates sorted by distance, padded (+inf, -1)."""
+
+    def __init__(self, pointers: Pointers):
+        self.pointers = pointers
+
+    def neighbours(self, batch: Batch, selection: Optional[Selection]) -> Neighbours:
+        mask = None if selection is None else selection.mask
+        found = self.pointers.score_rows(batch.queries, batch.targets, batch.row_lengths, mask)
+        return found if selection is None else found.take(selection)
 
 
 # ------------------------------------------------------------ FAISS and flags
@@ -300,8 +319,8 @@ def build_pointers(args, datastore, retriever, index_path: str = "the index") ->
         entry_dists = retriever.entry_distances
 
     def search(queries):
-        dists, vals, ids = retriever.search(queries, with_ids=True)
-        return dists.cpu().numpy(), vals.cpu().numpy(), ids
+        found = retriever.search(queries)
+        return found.dists.cpu().numpy(), found.vals.cpu().numpy(), found.ids
 
     shard_sizes = [s.size for s in getattr(datastore, "shards", [])] or [datastore.size]
     pointers = Pointers(search, entry_dists, datastore.vals, last_entries(shard_sizes),

@@ -1,4 +1,4 @@
-"""Nearest-neighbour retrieval: queries in, (distances, values) of the k nearest keys out."""
+"""Nearest-neighbour retrieval: queries in, the Neighbours of their k nearest keys out."""
 
 from typing import Optional
 
@@ -8,6 +8,7 @@ import torch
 
 from ..storage.datastore import Datastore
 from ..errors import UserError
+from .base import Neighbours, Retriever
 
 # Neighbour-key floats gathered at once when the keys cannot be read in place
 # (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.
@@ -18,7 +19,7 @@ class RetrievalConfigError(UserError):
     pass
 
 
-class KNNRetriever:
+class KNNRetriever(Retriever):
     """Searches a FAISS index over a datastore and returns kNN-LM distances.
 
     ``sim_func`` chooses the distances handed to the softmax:
@@ -52,19 +53,15 @@ class KNNRetriever:
         self.candidates = k if candidates is None else int(candidates)
         self.queries_searched = 0  # FAISS queries made, for the end-of-run report
 
-    def search(self, queries: torch.Tensor, with_counts: bool = False, with_ids: bool = False):
-        """queries (n, dim) -> dists (n, k) float32, vals (n, k) int64, on queries' device.
+    def search(self, queries: torch.Tensor) -> Neighbours:
+        """queries (n, dim) -> their k nearest entries: dists (n, k) float32, vals (n, k)
+        int64 and the counts of a pruned store (n, k) int32 (None otherwise) on queries'
+        device, datastore ids (n, k) int64 numpy.
 
-        Slots FAISS could not fill (id -1) get distance +inf and value -1, so
-        they carry no weight and match no token.  ``with_counts`` adds a third
-        result: the neighbours' counts (n, k) int32 in a pruned datastore
-        (1 in unfilled slots), or None for a store without counts.  A pruned
-        store must be searched with counts: its entries weigh count * exp(-d / T).
-        ``with_ids`` (stores without counts) adds instead the neighbours' datastore
-        ids (n, k) int64 numpy, -1 in unfilled slots, for --knn-pointers.
+        Slots FAISS could not fill (id -1) get distance +inf, value -1 and count 1,
+        so they carry no weight and match no token.  A pruned store's entries weigh
+        count * exp(-d / T).
         """
-        if self.datastore.counts is not None and not with_counts:
-            raise RuntimeError("a pruned datastore was searched without its counts; pass with_counts=True")
         device = queries.device
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         self.queries_searched += len(q)
@@ -85,11 +82,8 @@ class KNNRetriever:
         else:
             dists = self._recompute(q, safe_ids)
         dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
-        if with_ids:
-            return dists.to(device), torch.from_numpy(vals).to(device), ids
-        if with_counts:
-            return dists.to(device), torch.from_numpy(vals).to(device), self._counts(safe_ids, missing, device)
-        return dists.to(device), torch.from_numpy(vals).to(device)
+        return Neighbours(dists.to(device), torch.from_numpy(vals).to(device),
+                          self._counts(safe_ids, missing, device), ids)
 
     def _index_search(self, q: np.ndarray):
         """(scores, ids, exact distances or None) of the k nearest of each query.

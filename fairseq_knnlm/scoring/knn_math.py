@@ -73,3 +73,40 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor, lmbda: 
     lm_term = lm_log_probs.float() + math.log1p(-lmbda)
     knn_term = knn_log_probs.float() + math.log(lmbda)
     return torch.logaddexp(lm_term, knn_term).to(lm_log_probs.dtype)
+
+
+def knnlm_log_probs(
+    lm_log_probs: torch.Tensor,
+    dists: torch.Tensor,
+    vals: torch.Tensor,
+    lmbda: float,
+    temperature: float,
+    counts: torch.Tensor = None,
+) -> torch.Tensor:
+    """The kNN-LM's full distribution: log(λ p_kNN + (1-λ) p_LM) for every token.
+
+    lm_log_probs (n, V) natural log; dists, vals (and the counts of a pruned
+    datastore) (n, k) as the retriever returns them.  A row whose neighbours
+    are all missing (an IVF search that found nothing) has no kNN
+    distribution, so it keeps the LM's: generation needs every row to sum to 1.
+    """
+    if lmbda == 0:
+        return lm_log_probs
+    lm = lm_log_probs.float()
+    # p_kNN is zero outside the (at most k) neighbour tokens, so the mixture is
+    # log(1-λ) + log p_LM everywhere else; only the neighbour tokens need a
+    # logaddexp.  This avoids a log and a logaddexp over the whole vocabulary
+    # at every decoding step.
+    knn_p = lm.new_zeros(lm.shape)  # the full-vocabulary kNN distribution
+    weights = neighbor_log_weights(dists, temperature, counts).exp().masked_fill(vals < 0, 0.0)
+    tokens = vals.long().clamp(min=0)
+    knn_p.scatter_add_(-1, tokens, weights)
+    log_keep = math.log1p(-lmbda) if lmbda < 1 else -math.inf
+    mixed = lm + log_keep
+    at_tokens = torch.logaddexp(
+        lm.gather(-1, tokens) + log_keep, knn_p.gather(-1, tokens).log() + math.log(lmbda)
+    )
+    mixed.scatter_(-1, tokens, at_tokens)  # repeated tokens write the same value
+    found = (vals >= 0).any(dim=-1, keepdim=True)
+    return torch.where(found, mixed, lm).to(lm_log_probs.dtype)
+
