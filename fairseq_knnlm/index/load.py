@@ -8,7 +8,7 @@ import faiss
 
 from ..errors import UserError
 from .errors import PROG, IndexMismatchError
-from .factory import set_nprobe
+from .factory import nprobe_of, set_nprobe
 from .files import check_index_matches, check_ondisk_data, open_datastore, read_checked, read_flags, read_index_meta
 from .gpu import to_gpus
 from .search_params import apply_faiss_params
@@ -24,7 +24,8 @@ def load_index(
     Sets ``nprobe`` on the IVF (inside any wrapper; None keeps the nprobe saved
     in the index file) and ``faiss_params`` (``--knn-faiss-params``, FAISS
     ParameterSpace syntax); ``gpu`` then copies the index to all visible GPUs
-    (sharded).  ``mmap``: see :func:`~.files.read_flags`.  The metadata gains ``path``.
+    (sharded).  ``mmap``: see :func:`~.files.read_flags`.  The metadata gains ``path``, and
+    ``nprobe`` is the one searched with (None without an IVF).
     """
     ds = open_datastore(datastore)
     index_path = os.path.abspath(str(index_path))
@@ -44,9 +45,10 @@ def load_index(
         )
     set_nprobe(index, nprobe)
     apply_faiss_params(index, faiss_params)
+    searched_nprobe = nprobe_of(index)
     if gpu:
         index = to_gpus(index, shard=True)
-    return index, dict(meta, path=index_path)
+    return index, dict(meta, path=index_path, nprobe=searched_nprobe)
 
 
 def open_index(index_path: str, datastore, nprobe: Optional[int] = None, gpu: bool = False,

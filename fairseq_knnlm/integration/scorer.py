@@ -208,7 +208,7 @@ class KNNSequenceScorer:
             sim_func=str(self.args.knn_sim_func),
             lmbda=self.args.lmbda,
             knn_temp=self.args.knn_temp,
-            probe=self.args.probe,
+            probe=self.task.retriever.nprobe,  # --probe, or the index's own when not given
             candidates=self.task.retriever.candidates,
             faiss_params=self.args.knn_faiss_params,
             pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,

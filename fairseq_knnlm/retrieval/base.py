@@ -80,6 +80,7 @@ class Retriever(ABC):
     sim_func: str  # --knn-sim-func: faiss, l2 or ip
     metric: str  # the index's metric: l2 or ip
     candidates: int  # FAISS's results per query before exact re-ranking (k without --knn-candidates)
+    nprobe: Optional[int]  # IVF lists probed per search (None without an IVF)
     queries_searched: int  # queries searched so far, for the end-of-run report
 
     @abstractmethod

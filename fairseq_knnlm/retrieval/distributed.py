@@ -228,6 +228,10 @@ class DistributedRetriever(Retriever):
     def metric(self) -> str:
         return self.local.metric
 
+    @property
+    def nprobe(self):
+        return self.local.nprobe
+
     def search(self, queries: torch.Tensor) -> Neighbours:
         """As :meth:`KNNRetriever.search`, over the whole store; every rank must call
         ``search`` or :meth:`serve_until_done` for the round to complete."""

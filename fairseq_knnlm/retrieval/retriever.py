@@ -51,6 +51,7 @@ class KNNRetriever(Retriever):
         self.sim_func = sim_func
         # --knn-candidates: FAISS returns this many, re-ranked by exact distance to k
         self.candidates = k if candidates is None else int(candidates)
+        self.nprobe = index_meta.get("nprobe")  # IVF lists probed per search (None without an IVF)
         self.queries_searched = 0  # FAISS queries made, for the end-of-run report
 
     def search(self, queries: torch.Tensor) -> Neighbours:
