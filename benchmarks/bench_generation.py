@@ -135,7 +135,7 @@ def main():
         str(ckpt.parent), ckpt.name, str(data), dstore=str(dstore), knn_index=str(index),
         k=args.k, lmbda=args.lmbda, probe=args.probe,
     ).eval()
-    clock = SearchClock(knn.task.retriever)
+    clock = SearchClock(knn.task.knnlm.retriever)
     hubs = {"plain": plain, "knn": knn}
     for hub in hubs.values():
         generate(hub, prompts[:1], args)  # warm-up: first-call allocations, index pages
@@ -157,12 +157,12 @@ def main():
     print(f"machine: {machine()}, torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"command: python {shlex.join(['benchmarks/bench_generation.py', *sys.argv[1:]])}")
-    print(f"datastore: {dstore} ({knn.task.datastore.size:,} keys, dim {knn.task.datastore.dim}), "
+    print(f"datastore: {dstore} ({knn.task.knnlm.datastore.size:,} keys, dim {knn.task.knnlm.datastore.dim}), "
           f"index {index.name}")
     print("| datastore keys | index | k | λ | prompts × hypotheses | new tokens each | decoding "
           "| plain tok/s | kNN-LM tok/s | kNN-LM / plain | searches per batch | search share of kNN-LM time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {knn.task.datastore.size:,} | {factory} | {args.k} | {args.lmbda} "
+    print(f"| {knn.task.knnlm.datastore.size:,} | {factory} | {args.k} | {args.lmbda} "
           f"| {len(prompts)} × {args.beam} | {args.new_tokens} | {mode} | {tps['plain']:,.0f} "
           f"| {tps['knn']:,.0f} | {tps['knn'] / tps['plain']:.3f} | {steps:.0f} "
           f"| {clock.seconds / knn_seconds:.0%} |")

@@ -268,21 +268,21 @@ def test_generation_with_a_predictor_searches_only_selected_steps(data_bin, tiny
         return [h["positional_scores"] for h in hub.score(sentences)]
 
     with_all = scores()  # fraction 1
-    predictor = task.retrieval_predictor
-    task.retrieval_predictor = None
+    predictor = task.knnlm.predictor
+    task.knnlm.predictor = None
     full = scores()
     for a, b in zip(with_all, full):
         assert torch.equal(a, b)
-    task.retrieval_predictor, task.retrieval_threshold = predictor, math.inf  # fraction 0
+    task.knnlm.predictor, task.knnlm.threshold = predictor, math.inf  # fraction 0
     before = search_count(model)
     none = scores()
     assert search_count(model) == before  # not a single search
-    task.retrieval_predictor, task.args.lmbda = None, 0.0
+    task.knnlm.predictor, task.args.lmbda = None, 0.0
     plain = scores()
     for a, b in zip(none, plain):
         assert torch.equal(a, b)
-    task.retrieval_predictor, task.args.lmbda = predictor, LMBDA
-    task.retrieval_threshold = predictor.threshold(0.4)
+    task.knnlm.predictor, task.args.lmbda = predictor, LMBDA
+    task.knnlm.threshold = predictor.threshold(0.4)
     done, decided = retrieval_counts(model)
     text = hub.sample("The game was", beam=2, max_len_b=12)
     now_done, now_decided = retrieval_counts(model)

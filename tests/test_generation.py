@@ -159,7 +159,7 @@ def test_full_distribution_agrees_with_eval_lm_scorer(knn_hub):
 def test_incremental_beam_search_one_search_per_step_agrees_with_eval_lm(knn_hub):
     model = knn_hub.models[0]
     knn_hub.score(SENTENCES[0])  # attaches
-    retriever = knn_hub.task.retriever
+    retriever = knn_hub.task.knnlm.retriever
     steps, rows = [], []
     search = retriever.search
     hook = model.decoder.layers[0].register_forward_pre_hook(lambda m, i: steps.append(i[0].shape[:2]))

@@ -21,7 +21,7 @@ import torch
 
 from ..retrieval.base import Batch
 from ..scoring.knn_math import knnlm_log_probs  # noqa: F401  (its documented import path)
-from ..scoring.pipeline import PipelineStats, build_pipeline
+from ..scoring.pipeline import PipelineStats
 from ..errors import UserError
 from .keys import check_keytype, key_dim, last_ffn_module
 
@@ -135,7 +135,7 @@ class _Attachment:
         bsz, tsz, vocab = lm_lp.shape
         queries = self.keys.take(bsz, tsz).reshape(bsz * tsz, -1)
         # built at every call: the task's λ, temperature and predictor may change between calls
-        pipeline = build_pipeline(self.task, self.stats)
+        pipeline = self.task.knnlm.pipeline(self.task.args.lmbda, self.task.args.knn_temp, self.stats)
         mixed = pipeline.vocab_log_probs(Batch(queries, lm_lp.reshape(bsz * tsz, vocab))).view(bsz, tsz, vocab)
         return mixed if log_probs else mixed.exp()
 
@@ -149,19 +149,19 @@ def retrieval_counts(model):
 def attach_knnlm(model, task) -> None:
     """Make ``model.get_normalized_probs`` return the kNN-LM's distribution.
 
-    ``task`` is a knnlm_language_modeling task set up with ``--knnlm`` (it
-    holds the retriever); λ, the kNN temperature and the retriever are read
-    from it at every call.  Attaching again only rebinds the task.
+    ``task`` is a knnlm_language_modeling task set up with ``--knnlm`` (its
+    ``knnlm`` holds the retriever); λ, the kNN temperature and the retriever are
+    read from it at every call.  Attaching again only rebinds the task.
     """
-    if getattr(task, "retriever", None) is None:
+    if getattr(task, "knnlm", None) is None:
         raise GenerationError("kNN-LM generation needs the task set up with --knnlm --dstore DIR")
     if getattr(task.args, "knn_pointers", False):
         # Pointers need each hypothesis's previous neighbours and chosen token, which
         # fairseq's generators do not hand to get_normalized_probs.
         raise GenerationError("--knn-pointers is for scoring text with fairseq-eval-lm; "
                               "generate without --knn-pointers")
-    datastore = getattr(task, "datastore", None)
-    if datastore is not None and key_dim(model, task.args.knn_keytype) != datastore.dim:
+    datastore = task.knnlm.datastore
+    if key_dim(model, task.args.knn_keytype) != datastore.dim:
         raise GenerationError(
             f"the model's {task.args.knn_keytype} keys have dimension "
             f"{key_dim(model, task.args.knn_keytype)} but datastore {task.args.dstore} has "

@@ -21,7 +21,7 @@ from fairseq import utils as fairseq_utils
 from ..retrieval import adaptive
 from ..retrieval.base import Batch
 from ..scoring.cache import make_cache
-from ..scoring.pipeline import NeighboursSaver, PipelineStats, build_pipeline
+from ..scoring.pipeline import KNNPipeline, NeighboursSaver, PipelineStats
 from ..storage.datastore import DatastoreWriter
 from ..errors import UserError
 from .keys import KeyCapture
@@ -97,7 +97,11 @@ class KNNSequenceScorer:
                     overwrite=self.args.knn_save_neighbors_overwrite,
                     with_queries=cache is not None,  # the keys the cache sweep needs, only then
                 )
-            self.pipeline = build_pipeline(task, self.stats, cache=cache, saver=saver)
+            if task.knnlm is not None:
+                self.pipeline = task.knnlm.pipeline(self.args.lmbda, self.args.knn_temp, self.stats,
+                                                    cache=cache, saver=saver)
+            else:  # the LM with the continuous cache alone
+                self.pipeline = KNNPipeline(None, self.args.lmbda, self.args.knn_temp, cache=cache, stats=self.stats)
 
     # ----------------------------------------------------------- main entry
     @torch.no_grad()
@@ -197,27 +201,28 @@ class KNNSequenceScorer:
     def _wants_lm_features(self) -> bool:
         """LM features are computed to be saved with neighbours or to decide which tokens to search."""
         return bool(self.args.knnlm) and (
-            bool(self.args.knn_save_neighbors) or getattr(self.task, "retrieval_predictor", None) is not None
+            bool(self.args.knn_save_neighbors) or self.task.knnlm.predictor is not None
         )
 
     def _neighbors_info(self) -> dict:
         """What a saved neighbours file records about the run."""
+        knnlm = self.task.knnlm
         info = self.task.run_info()
         info.update(
             k=self.args.k,
             sim_func=str(self.args.knn_sim_func),
             lmbda=self.args.lmbda,
             knn_temp=self.args.knn_temp,
-            probe=self.task.retriever.nprobe,  # --probe, or the index's own when not given
-            candidates=self.task.retriever.candidates,
+            probe=knnlm.retriever.nprobe,  # --probe, or the index's own when not given
+            candidates=knnlm.retriever.candidates,
             faiss_params=self.args.knn_faiss_params,
             pointer_min_candidates=self.args.knn_pointer_min_candidates if self.args.knn_pointers else None,
             cache_size=self.args.knn_cache_size,
             cache_theta=self.args.knn_cache_theta,
             cache_lmbda=self.args.knn_cache_lmbda,
-            dstore=self.task.datastore.path,
-            dstore_fingerprint=self.task.datastore.fingerprint,
-            dstore_size=self.task.datastore.size,
+            dstore=knnlm.datastore.path,
+            dstore_fingerprint=knnlm.datastore.fingerprint,
+            dstore_size=knnlm.datastore.size,
             shard_id=self.task.shard_id,
             num_shards=self.task.num_shards,
         )
@@ -241,15 +246,16 @@ class KNNSequenceScorer:
             )
             path = self.dstore_writer.commit(info)
             logger.info(f"datastore: {self.dstore_writer.size:,} entries written to {path}")
-        retriever = self.task.retriever
+        knnlm = self.task.knnlm
+        retriever = knnlm.retriever if knnlm is not None else None
         if retriever is not None and self.tokens:
             # One parseable line: benchmarks read the searches per scored token from it.
             logger.info(
                 f"kNN searches: {retriever.queries_searched:,} for {self.tokens:,} scored tokens "
                 f"({retriever.queries_searched / self.tokens:.4f} per token)"
             )
-        if self.task.pointers is not None and self.task.pointers.tokens:
-            logger.info(self.task.pointers.report())  # benchmarks parse this line
+        if knnlm is not None and knnlm.pointers is not None and knnlm.pointers.tokens:
+            logger.info(knnlm.pointers.report())  # benchmarks parse this line
         cache = self.pipeline.cache if self.pipeline is not None else None
         if cache is not None and cache.tokens:
             logger.info(cache.describe())

@@ -13,22 +13,16 @@ from fairseq.data import LMContextWindowDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from ..retrieval.adaptive import load_for_run
 from ..scoring.cache import cache_enabled
 from ..errors import UserError, install_excepthook
 from ..index.search_params import set_threads
-from ..storage.datastore import (
-    Datastore,
-    DatastoreError,
-    check_can_write,
-    dictionary_md5,
-    shard_dirname,
-)
+from ..storage.datastore import DatastoreError, check_can_write, dictionary_md5, shard_dirname
 from ..storage.files import file_sha256
 from .config import KNNLanguageModelingConfig
 from .eval_loop import EvalLoopHooks, install_scorer
-from .flags import check_against_datastore, check_flags
+from .flags import check_flags
 from .keys import KeyCapture, key_dim
+from .knnlm import open_knnlm
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +57,13 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
-        self.datastore = None
-        self.retriever = None
+        self.knnlm = None  # --knnlm: datastore, retriever, pointers, predictor (knnlm.py)
         self.first_scored_id = 0
         self.split = None
         self.active_scorer = None
         self._checkpoint_sha256 = None
         self.context_window, self.num_shards, self.shard_id = 0, 1, 0
         self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (overlap.py)
-        self.retrieval_predictor, self.retrieval_threshold = None, None
-        self.pointers = None  # --knn-pointers (pointers.py)
         check_flags(args, num_shards=_planned_sharding(args)[0])
         if args.save_knnlm_dstore or args.knnlm:
             self._set_up(args)
@@ -102,69 +93,25 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 what="neighbours file", option="--knn-save-neighbors",
                 overwrite_flag="--knn-save-neighbors-overwrite", error=NeighborsError,
             )
-        self.datastore = Datastore(args.dstore, in_memory=args.dstore_in_memory)
-        meta = self.datastore.meta
-        check_against_datastore(args, self.datastore.size)
-        if meta.get("keytype") != str(args.knn_keytype):
-            raise DatastoreError(
-                f"datastore {args.dstore} holds {meta.get('keytype')} keys but --knn-keytype is "
-                f"{args.knn_keytype}; pass --knn-keytype {meta.get('keytype')}"
-            )
-        if meta.get("dictionary_md5") != dictionary_md5(self.dictionary):
-            raise DatastoreError(
-                f"datastore {args.dstore} was built with another dictionary "
-                f"({meta.get('dictionary_size')} types) than {args.data} ({len(self.dictionary)} types); "
-                "binarize the data with the model's dict.txt and rebuild the datastore"
-            )
-        self.datastore.check_values(len(self.dictionary), full=args.knn_check_datastore)
-        from ..index.files import default_index_path
-        from ..retrieval.retriever import KNNRetriever
-        from ..index.load import open_index
+        self.knnlm = open_knnlm(args, self.dictionary, self._model_sha256)
 
-        index_path = args.knn_index or default_index_path(args.dstore)
-        if args.knn_distributed_index:
-            from ..retrieval.distributed import open_distributed_retriever
-
-            self.retriever = open_distributed_retriever(args, self.datastore, index_path)
-        else:
-            index, index_meta = open_index(
-                index_path, self.datastore, nprobe=args.probe, gpu=args.knn_gpu,
-                faiss_params=args.knn_faiss_params, mmap=args.knn_index_mmap,
-            )
-            self.retriever = KNNRetriever(
-                self.datastore, index, index_meta, args.k, args.knn_sim_func, candidates=args.knn_candidates
-            )
-        if args.knn_retrieval_predictor:
-            self._load_retrieval_predictor(args)
-        if args.knn_pointers:
-            from ..retrieval.pointers import build_pointers
-
-            self.pointers = build_pointers(args, self.datastore, self.retriever, index_path)
-
-    def _load_retrieval_predictor(self, args):
-        """--knn-retrieval-predictor, refused in one line if fit for another model, datastore or keytype."""
-        root = _root_config(args)
+    def _model_sha256(self):
+        """The checkpoint's sha256 (computed once), or None when eval-lm names no single file."""
+        root = _root_config(self.args)
         path = root.common_eval.path if root is not None and "common_eval" in root else None
         if path and os.path.isfile(path) and self._checkpoint_sha256 is None:
             self._checkpoint_sha256 = file_sha256(path)
-        identity = dict(
-            checkpoint_sha256=self._checkpoint_sha256,
-            dictionary_md5=dictionary_md5(self.dictionary),
-            dstore_fingerprint=self.datastore.fingerprint,
-            dstore_size=self.datastore.size,
-            keytype=str(args.knn_keytype),
-        )
-        self.retrieval_predictor, self.retrieval_threshold = load_for_run(args, identity, logger)
+        return self._checkpoint_sha256
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
         if self.args.save_knnlm_dstore or self.args.knnlm or cache_enabled(self.args):
             KeyCapture(model, self.args.knn_keytype).remove()  # fails early if un-hookable
             dim = key_dim(model, self.args.knn_keytype)
-            if self.datastore is not None and dim != self.datastore.dim:
+            if self.knnlm is not None and dim != self.knnlm.datastore.dim:
                 raise DatastoreError(
                     f"the model's {self.args.knn_keytype} keys have dimension {dim} but datastore "
-                    f"{self.args.dstore} has {self.datastore.dim}; use the datastore built with this model"
+                    f"{self.args.dstore} has {self.knnlm.datastore.dim}; use the datastore built with this model"
                 )
         return model
 
@@ -320,7 +267,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             )
 
     def finish_eval_lm(self):
-        serve = getattr(self.retriever, "serve_until_done", None)
+        serve = getattr(self.knnlm.retriever, "serve_until_done", None) if self.knnlm is not None else None
         if serve is not None:  # --knn-distributed-index: answer the other ranks until all are done
             serve()
         if self.active_scorer is not None:

@@ -23,9 +23,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..retrieval.adaptive import FEATURE_NAMES, PredictedRows
-from ..retrieval.base import Batch, NeighbourSource, Neighbours, SearchNeighbours, Selection, Selector
-from ..retrieval.pointers import PointerNeighbours
+from ..retrieval.adaptive import FEATURE_NAMES
+from ..retrieval.base import Batch, NeighbourSource, Neighbours, Selection, Selector
 from . import knn_math
 
 
@@ -39,7 +38,7 @@ class PipelineStats:
 
 
 class KNNPipeline:
-    """One batch's kNN-LM stages, configured once (:func:`build_pipeline`)."""
+    """One batch's kNN-LM stages, configured once (a run's: ``integration.knnlm.KNNLM.pipeline``)."""
 
     def __init__(self, source: Optional[NeighbourSource], lmbda: float, temperature: float,
                  selector: Optional[Selector] = None, cache=None, saver: Optional["NeighboursSaver"] = None,
@@ -148,19 +147,3 @@ class NeighboursSaver:
     def commit(self) -> Optional[str]:
         """The saved file's path, or None if no batch was saved."""
         return None if self.writer is None else self.writer.commit()
-
-
-def build_pipeline(task, stats: Optional[PipelineStats] = None, cache=None,
-                   saver: Optional[NeighboursSaver] = None) -> KNNPipeline:
-    """The pipeline of a knnlm_language_modeling task's settings: its retriever (or
-    --knn-pointers), --knn-retrieval-predictor, λ and the kNN temperature."""
-    pointers = getattr(task, "pointers", None)
-    retriever = getattr(task, "retriever", None)
-    if pointers is not None:
-        source = PointerNeighbours(pointers)
-    else:
-        source = SearchNeighbours(retriever) if retriever is not None else None
-    predictor = getattr(task, "retrieval_predictor", None)
-    selector = PredictedRows(predictor, task.retrieval_threshold) if predictor is not None else None
-    return KNNPipeline(source, task.args.lmbda, task.args.knn_temp, selector=selector, cache=cache,
-                       saver=saver, stats=stats)
