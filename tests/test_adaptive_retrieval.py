@@ -207,16 +207,10 @@ def test_sweep_reports_the_curve_held_out_and_saves_the_predictor(tmp_path, caps
 
 # ------------------------------------------------ against fairseq-eval-lm itself
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, data_bin, tiny_lm, tiny_datastore):
+def fitted(tmp_path_factory, data_bin, tiny_lm, tiny_datastore, flat_index):
     """Valid neighbours (with LM features) of a full kNN-LM run, and a predictor fit on them."""
-    from conftest import run
-
-    index = tiny_datastore / "sweep-flat.index"
-    if not index.exists():
-        run(["fairseq-knnlm-build-index", "--dstore", tiny_datastore, "--index-factory", "Flat",
-             "--output", index])
     work = tmp_path_factory.mktemp("adaptive")
-    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", index, "--k", K, "--knn-temp", TEMP,
+    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", flat_index, "--k", K, "--knn-temp", TEMP,
            "--lmbda", LMBDA]
     full = eval_lm_in_process(data_bin, tiny_lm, *knn, "--knn-save-neighbors", work / "valid.nbrs")
     predictor = work / "predictor.json"
@@ -239,7 +233,13 @@ def searched(caplog):
 
 def test_eval_lm_at_a_fraction_is_the_sweeps_number_and_the_ends_are_exact(data_bin, tiny_lm, fitted, caplog):
     nb = fitted.nb
-    assert nb.feature_names == list(FEATURE_NAMES) and np.isfinite(nb.lm_features).all()
+    assert nb.feature_names == list(FEATURE_NAMES)
+    # Each row's features describe the LM distribution the target's probability came from.
+    entropy, top, gap = np.asarray(nb.lm_features, dtype=np.float64).T
+    vocab = int(nb.meta["dictionary_size"])
+    assert (entropy >= -1e-4).all() and (entropy <= math.log(vocab) + 1e-4).all()
+    assert (top >= np.asarray(nb.lm_log_probs) - 1e-5).all() and (top <= 1e-6).all()
+    assert (gap >= 0).all() and (gap > 0).any()
     flags = [*fitted.knn, "--knn-retrieval-predictor", fitted.predictor]
     caplog.set_level(logging.INFO)
     # Fraction 1: every token searched, the full kNN-LM to the last digit.
