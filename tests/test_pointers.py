@@ -242,7 +242,7 @@ def test_pointer_run_saves_searches_and_its_neighbours_reproduce_it(
             "--knn-pointers", "--knn-pointer-min-candidates", 2, "--knn-save-neighbors", nbdir)
     searched, tokens, saved = pointer_report(caplog)
     assert 0 < searched < tokens and saved > 0
-    assert ppl == pytest.approx(2 ** loss, rel=1e-12)  # fairseq's perplexity of its base-2 loss
+    assert ppl == pytest.approx(2 ** loss, rel=1e-6)  # fairseq's perplexity (float32) of its base-2 loss
     nb = read_neighbors(nbdir)
     assert nb.meta["pointer_min_candidates"] == 2 and nb.n == tokens
     vals = np.asarray(nb.vals)
