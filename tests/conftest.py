@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny real fairseq LM trained on a slice of WikiText-2.
+"""Shared fixtures: a tiny real fairseq LM trained on a slice of WikiText-2, and
+the artefacts several test files use (datastores, indexes, the stock baseline run).
 
-Everything runs the real fairseq command-line tools in subprocesses, the way
-users run them.  Artefacts are built once per test session.
+The LM, its binarized data and the train datastore come from the real fairseq
+command-line tools in subprocesses, the way users make them; later artefacts
+and most evaluations run the same code in this process (``eval_lm_in_process``
+is the stock fairseq-eval-lm main()), and tests whose subject is a console
+script run that script.  Each artefact is built once per test session, by its
+fixture: no test reads files another test wrote.
 """
 
 import os
@@ -62,14 +67,14 @@ def eval_lm(data_bin, checkpoint, *extra, task="knnlm_language_modeling", split=
     return run(cmd, check=check)
 
 
-def eval_lm_in_process(data_bin, checkpoint, *flags):
-    """The stock fairseq-eval-lm main() in this process, our task on valid: (loss, perplexity)
+def eval_lm_in_process(data_bin, checkpoint, *flags, split="valid"):
+    """The stock fairseq-eval-lm main() in this process, our task on ``split``: (loss, perplexity)
     at full float precision (the log line rounds the perplexity to 2 decimals)."""
     import fairseq_cli.eval_lm as eval_lm_module
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", "valid",
+    argv = [str(data_bin), "--path", str(checkpoint), "--gen-subset", split,
             "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
             "--cpu", "--max-tokens", "4096", "--num-workers", "0", "--no-progress-bar",
             "--user-dir", USER_DIR, "--task", "knnlm_language_modeling", *map(str, flags)]
@@ -149,3 +154,42 @@ def tiny_datastore(artefacts, data_bin, tiny_lm):
     dstore = artefacts / "dstore-train"
     eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, split="train")
     return dstore
+
+
+def quiet(message):
+    pass
+
+
+@pytest.fixture(scope="session")
+def flat_index(tiny_datastore):
+    """The exact (Flat, l2) index of the tiny datastore."""
+    from fairseq_knnlm.index import build_index
+
+    output = tiny_datastore / "flat.index"
+    build_index(str(tiny_datastore), output=str(output), factory="Flat", progress=False, log=quiet)
+    return output
+
+
+@pytest.fixture(scope="session")
+def valid_datastore(artefacts, data_bin, tiny_lm):
+    """The valid split's own keys and targets (last_ffn_input, fp32): the queries eval-lm searches with."""
+    dstore = artefacts / "dstore-valid"
+    eval_lm_in_process(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore)
+    return dstore
+
+
+@pytest.fixture(scope="session")
+def valid_self_index(valid_datastore):
+    """The exact (Flat, l2) index of the valid split's own keys: every query finds itself."""
+    from fairseq_knnlm.index import build_index
+
+    output = valid_datastore / "flat.index"
+    build_index(str(valid_datastore), output=str(output), factory="Flat", progress=False, log=quiet)
+    return output
+
+
+@pytest.fixture(scope="session")
+def stock_valid(data_bin, tiny_lm):
+    """The output of the stock fairseq-eval-lm (task language_modeling, no code of ours) on valid,
+    with --output-word-probs (which prints each token's probability and leaves the perplexity as is)."""
+    return eval_lm(data_bin, tiny_lm, "--output-word-probs", task="language_modeling").stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, eval_lm_in_process, run
+from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, eval_lm_in_process
 from fairseq_knnlm.scoring.cache import ContinuousCache, cache_log_probs, interpolate_cache
 from fairseq_knnlm.cli import sweep as sweep_cli
 from fairseq_knnlm.errors import UserError
@@ -67,15 +67,6 @@ def test_streaming_cache_equals_one_pass_and_refuses_blocks_out_of_order():
     with pytest.raises(UserError, match="corpus order"):
         cache(keys[:3], vals[:3], model[:3], torch.tensor([2]))
     assert ContinuousCache(50, 0.5, 0.0)(keys, vals, model) is model  # λc = 0: the model's scores
-
-
-@pytest.fixture(scope="module")
-def flat_index(tiny_datastore):
-    output = tiny_datastore / "sweep-flat.index"  # the same index test_sweep.py uses
-    if not output.exists():
-        run(["fairseq-knnlm-build-index", "--dstore", tiny_datastore, "--index-factory", "Flat",
-             "--output", output])
-    return output
 
 
 @pytest.fixture(scope="module")

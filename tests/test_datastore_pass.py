@@ -12,7 +12,8 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary, data_utils
 
-from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, eval_lm, perplexity_line, run
+from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, eval_lm, eval_lm_in_process, perplexity_line, run
+from fairseq_knnlm.errors import UserError
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreError
 
 
@@ -56,19 +57,17 @@ def reference_keys(model, stream, eos, positions, keytype):
     return np.stack(keys)
 
 
-def test_without_knn_flags_task_matches_stock_language_modeling(data_bin, tiny_lm):
-    stock = eval_lm(data_bin, tiny_lm, task="language_modeling")
+def test_without_knn_flags_task_matches_stock_language_modeling(data_bin, tiny_lm, stock_valid):
     ours = eval_lm(data_bin, tiny_lm)
-    assert perplexity_line(ours.stdout) == perplexity_line(stock.stdout)
+    assert perplexity_line(ours.stdout) == perplexity_line(stock_valid)
 
 
 @pytest.mark.parametrize("keytype", ["last_ffn_input", "last_layer_output"])
-def test_datastore_values_and_keys_match_fairseq(artefacts, data_bin, tiny_lm, keytype):
-    dstore = artefacts / f"dstore-valid-{keytype}"
+def test_datastore_values_and_keys_match_fairseq(tmp_path, data_bin, tiny_lm, stock_valid, keytype):
+    dstore = tmp_path / f"dstore-valid-{keytype}"
     out = eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, "--knn-keytype", keytype)
-    stock = eval_lm(data_bin, tiny_lm, task="language_modeling")
     # The pass still reports the LM's own perplexity, identical to the stock one.
-    assert perplexity_line(out.stdout) == perplexity_line(stock.stdout)
+    assert perplexity_line(out.stdout) == perplexity_line(stock_valid)
 
     store = Datastore(dstore)
     stream = split_tokens(data_bin, "valid")
@@ -89,23 +88,21 @@ def test_datastore_values_and_keys_match_fairseq(artefacts, data_bin, tiny_lm, k
     np.testing.assert_allclose(np.asarray(store.keys[positions]), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fp16_keys(artefacts, data_bin, tiny_lm):
-    fp32 = artefacts / "dstore-valid-last_ffn_input"
-    if not fp32.exists():
-        eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", fp32)
-    fp16 = artefacts / "dstore-valid-fp16"
-    eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", fp16, "--dstore-fp16")
-    a, b = Datastore(fp32), Datastore(fp16)
+def test_fp16_keys(tmp_path, data_bin, tiny_lm, valid_datastore):
+    fp16 = tmp_path / "dstore-valid-fp16"
+    eval_lm_in_process(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", fp16, "--dstore-fp16")
+    a, b = Datastore(valid_datastore), Datastore(fp16)
     assert b.keys.dtype == np.float16 and b.meta["keys_dtype"] == "float16"
     np.testing.assert_array_equal(a.vals, b.vals)
     np.testing.assert_allclose(np.asarray(b.keys, dtype=np.float32), a.keys, rtol=2e-3, atol=2e-3)
 
 
-def test_complete_break_mode(artefacts, data_bin, tiny_lm):
-    dstore = artefacts / "dstore-complete"
-    out = eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, "--sample-break-mode", "complete")
+def test_complete_break_mode(tmp_path, data_bin, tiny_lm):
+    dstore = tmp_path / "dstore-complete"
+    loss, ppl = eval_lm_in_process(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", dstore,
+                                   "--sample-break-mode", "complete")
     stock = eval_lm(data_bin, tiny_lm, "--sample-break-mode", "complete", task="language_modeling")
-    assert perplexity_line(out.stdout) == perplexity_line(stock.stdout)
+    assert perplexity_line(stock.stdout) == (f"{loss:.4f}", f"{ppl:.2f}")  # as eval-lm prints them
     # eval-lm skips blocks longer than the model's 128 positions; in complete
     # mode such a block is one over-long line, so the store holds every other line.
     dictionary = Dictionary.load(str(data_bin / "dict.txt"))
@@ -114,11 +111,9 @@ def test_complete_break_mode(artefacts, data_bin, tiny_lm):
     np.testing.assert_array_equal(Datastore(dstore).vals, np.concatenate(kept))
 
 
-def test_two_shards_equal_single_process(artefacts, data_bin, tiny_lm):
-    single = artefacts / "dstore-valid-last_ffn_input"
-    if not single.exists():
-        eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", single)
-    sharded = artefacts / "dstore-sharded"
+def test_two_shards_equal_single_process(tmp_path, data_bin, tiny_lm, valid_datastore):
+    single = valid_datastore
+    sharded = tmp_path / "dstore-sharded"
     procs = [
         subprocess.Popen(
             ["fairseq-eval-lm", str(data_bin), "--path", str(tiny_lm), "--gen-subset", "valid",
@@ -140,14 +135,14 @@ def test_two_shards_equal_single_process(artefacts, data_bin, tiny_lm):
     np.testing.assert_allclose(b.keys[:], a.keys[:], rtol=1e-5, atol=1e-5)
 
 
-def test_interrupted_pass_is_never_accepted_and_rerun_completes(artefacts, data_bin, tiny_lm):
-    dstore = artefacts / "dstore-interrupted"
+def test_interrupted_pass_is_never_accepted_and_rerun_completes(tmp_path, data_bin, tiny_lm):
+    dstore = tmp_path / "dstore-interrupted"
     cmd = ["fairseq-eval-lm", str(data_bin), "--path", str(tiny_lm), "--gen-subset", "train",
            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--context-window", str(CONTEXT_WINDOW),
            "--cpu", "--max-tokens", "512", "--num-workers", "0", "--user-dir", USER_DIR,
            "--task", "knnlm_language_modeling", "--save-knnlm-dstore", "--dstore", str(dstore)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial_keys = artefacts / "dstore-interrupted.partial" / "keys.npy"
+    partial_keys = tmp_path / "dstore-interrupted.partial" / "keys.npy"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if partial_keys.exists() and partial_keys.stat().st_size > 200_000:
@@ -161,26 +156,30 @@ def test_interrupted_pass_is_never_accepted_and_rerun_completes(artefacts, data_
         Datastore(dstore)
     run(cmd)
     assert Datastore(dstore).size == len(split_tokens(data_bin, "train"))
-    assert not (artefacts / "dstore-interrupted.partial").exists()
+    assert not (tmp_path / "dstore-interrupted.partial").exists()
 
 
 def _refusal(data_bin, tiny_lm, *flags):
-    proc = eval_lm(data_bin, tiny_lm, *flags, check=False)
-    assert proc.returncode != 0
-    last = proc.stdout.strip().splitlines()[-1]
-    return last
+    """The one-line error the pass stops with, in process (test_fault_injection.py checks that the
+    console script prints such an error as its one last line, with exit code 2)."""
+    with pytest.raises(UserError) as raised:
+        eval_lm_in_process(data_bin, tiny_lm, *flags)
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
 
 
 def test_refusals(artefacts, data_bin, tiny_lm, tiny_datastore):
-    assert "--dstore DIR is required" in _refusal(data_bin, tiny_lm, "--save-knnlm-dstore")
-    assert "invalid choice" in _refusal(
-        data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", artefacts / "x", "--knn-keytype", "bogus"
-    )
+    assert _refusal(data_bin, tiny_lm, "--save-knnlm-dstore").startswith("--dstore DIR is required")
+    # fairseq's own parser refuses a key type that does not exist, as its one last line
+    proc = eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", artefacts / "x", "--knn-keytype", "bogus",
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert "error: argument --knn-keytype: invalid choice: 'bogus'" in proc.stdout.strip().splitlines()[-1]
     blocker = artefacts / "a-file"
     blocker.write_text("not a directory")
-    assert "cannot create" in _refusal(
-        data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", blocker / "dstore"
-    )
+    assert _refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", blocker / "dstore").startswith(
+        f"cannot create {blocker}: ")
     before = (tiny_datastore / "keys.npy").stat().st_mtime_ns
     last = _refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", tiny_datastore)
     assert "already holds a complete datastore" in last and "--dstore-overwrite" in last
@@ -203,12 +202,11 @@ def test_model_without_hooked_module_is_refused(data_bin):
     KeyCapture(model, "last_layer_output").remove()  # the final state needs no hook
 
 
-def test_distributed_launch_writes_one_shard_per_rank(artefacts, data_bin, tiny_lm):
+@pytest.mark.slow
+def test_distributed_launch_writes_one_shard_per_rank(tmp_path, data_bin, tiny_lm, valid_datastore):
     """fairseq's own distributed mode (here torchrun, 2 CPU processes, gloo)."""
-    single = artefacts / "dstore-valid-last_ffn_input"
-    if not single.exists():
-        eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", single)
-    dstore = artefacts / "dstore-distributed"
+    single = valid_datastore
+    dstore = tmp_path / "dstore-distributed"
     eval_lm_cmd = (
         f"exec fairseq-eval-lm {data_bin} --path {tiny_lm} --gen-subset valid "
         f"--tokens-per-sample {TOKENS_PER_SAMPLE} --context-window {CONTEXT_WINDOW} --cpu "

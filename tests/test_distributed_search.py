@@ -254,6 +254,7 @@ def test_two_gloo_ranks_equal_one_process(stores, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- (c) fairseq-eval-lm under torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_eval_lm_equals_each_shard_searched_in_one_process(artefacts, data_bin, tiny_lm, tiny_datastore,
                                                                     monkeypatch):
     from fairseq_knnlm.cli.build_index import main as build_index_cli

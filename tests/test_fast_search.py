@@ -92,8 +92,7 @@ def test_faiss_params_are_checked_in_one_line():
 @pytest.fixture(scope="module")
 def fast_scan_index(tiny_datastore):
     path = tiny_datastore / "fast-search-ivf64-pq16x4fs.index"
-    if not path.exists():
-        build(tiny_datastore, path, "IVF64,PQ16x4fs", 5000)
+    build(tiny_datastore, path, "IVF64,PQ16x4fs", 5000)
     return path
 
 

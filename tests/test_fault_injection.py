@@ -778,11 +778,12 @@ def test_command_line_tools_print_one_line_and_exit_2(good, tmp_path, capsys, da
     seconds importing fairseq.  Our own tools print their errors themselves: in process."""
     from fairseq_knnlm.cli.build_index import main as build_index_main
 
+    knnlm = ["--knnlm", "--k", K, "--lmbda", 0.25]
+    before = eval_lm_in_process(data_bin, tiny_lm, *knnlm, "--dstore", good.store)
     bad_meta = copy(good.store, tmp_path, "bad-meta")
     truncate(bad_meta / "meta.json", 100)
     cut_index = copy(good.store, tmp_path, "cut-index")
     truncate(cut_index / "knn.index", os.path.getsize(cut_index / "knn.index") // 2)
-    knnlm = ["--knnlm", "--k", K, "--lmbda", 0.25]
     jobs = {
         "eval-lm": lambda: eval_lm(data_bin, tiny_lm, *knnlm, "--dstore", bad_meta, check=False),
         "generate": lambda: run([
@@ -807,9 +808,8 @@ def test_command_line_tools_print_one_line_and_exit_2(good, tmp_path, capsys, da
     assert last.startswith("fairseq-knnlm-build-index: error: ") and "keys.npy: the keys of entry 8" in last
     load(nan_keys / "knn.index", nan_keys)  # the refused rebuild left the previous index in place
 
-    # The good store next to the damaged copies still evaluates.
-    loss, ppl = eval_lm_in_process(data_bin, tiny_lm, *knnlm, "--dstore", good.store)
-    assert np.isfinite(loss) and ppl > 1
+    # The good store next to the damaged copies still evaluates, to the same digits as before them.
+    assert eval_lm_in_process(data_bin, tiny_lm, *knnlm, "--dstore", good.store) == before
 
 
 def _raise_in_worker(rank):

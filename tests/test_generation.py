@@ -13,7 +13,7 @@ import pytest
 import torch
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
-from conftest import USER_DIR, eval_lm, run
+from conftest import USER_DIR, eval_lm_in_process, run
 from fairseq_knnlm.integration.generation import (
     GenerationError,
     StepKeys,
@@ -39,18 +39,11 @@ MEMO_TEXT = (
 )
 
 
-def build_flat_index(dstore, output):
-    if not output.exists():
-        run(["fairseq-knnlm-build-index", "--dstore", dstore, "--index-factory", "Flat", "--output", output])
-    return output
-
-
 @pytest.fixture(scope="module")
-def knn_hub(tiny_lm, data_bin, tiny_datastore):
-    index = build_flat_index(tiny_datastore, tiny_datastore / "generation-flat.index")
+def knn_hub(tiny_lm, data_bin, tiny_datastore, flat_index):
     return from_pretrained(
         str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),
-        knn_index=str(index), k=K, lmbda=LMBDA, knn_temp=KNN_TEMP,
+        knn_index=str(flat_index), k=K, lmbda=LMBDA, knn_temp=KNN_TEMP,
     ).eval()
 
 
@@ -182,10 +175,10 @@ def test_incremental_beam_search_one_search_per_step_agrees_with_eval_lm(knn_hub
         assert torch.allclose(hypo["positional_scores"], ref, atol=1e-3)
 
 
-def test_lambda_zero_samples_exactly_like_the_plain_lm(tiny_lm, data_bin, tiny_datastore, knn_hub, plain_hub):
+def test_lambda_zero_samples_exactly_like_the_plain_lm(tiny_lm, data_bin, tiny_datastore, flat_index, plain_hub):
     knn0 = from_pretrained(
         str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),
-        knn_index=str(tiny_datastore / "generation-flat.index"), k=K, lmbda=0.0,
+        knn_index=str(flat_index), k=K, lmbda=0.0,
     ).eval()
     prompts = [plain_hub.encode(p) for p in PROMPTS]
 
@@ -209,8 +202,9 @@ def test_greedy_decoding_continues_a_memorised_text_verbatim(artefacts, data_bin
     run(["fairseq-preprocess", "--only-source", "--srcdict", data_bin / "dict.txt",
          "--testpref", work / "memo.txt", "--destdir", work / "bin", "--workers", 1])
     dstore = work / "dstore"
-    eval_lm(work / "bin", tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, split="test")
-    index = build_flat_index(dstore, dstore / "knn.index")
+    eval_lm_in_process(work / "bin", tiny_lm, "--save-knnlm-dstore", "--dstore", dstore, split="test")
+    index = dstore / "knn.index"
+    run(["fairseq-knnlm-build-index", "--dstore", dstore, "--index-factory", "Flat", "--output", index])
 
     words = MEMO_TEXT.split()
     prompt = " ".join(words[:4])
@@ -235,14 +229,13 @@ def test_attaching_needs_a_knnlm_task(plain_hub):
         knnlm_task_overrides(task="knnlm_language_modeling")
 
 
-def test_a_knnlm_hub_leaves_eval_lm_in_the_same_process_alone(tiny_lm, data_bin, tiny_datastore):
+def test_a_knnlm_hub_leaves_eval_lm_in_the_same_process_alone(tiny_lm, data_bin, tiny_datastore, flat_index):
     """Only a running fairseq-eval-lm gets the kNN scorer: loading and using a kNN-LM
     hub must not make a later eval-lm in the same process (a notebook) score with it."""
     import fairseq_cli.eval_lm as eval_lm_module
     from fairseq.sequence_scorer import SequenceScorer
 
-    index = build_flat_index(tiny_datastore, tiny_datastore / "generation-flat.index")
     hub = from_pretrained(str(tiny_lm.parent), tiny_lm.name, str(data_bin), dstore=str(tiny_datastore),
-                          knn_index=str(index), k=K, lmbda=LMBDA, knn_temp=KNN_TEMP).eval()
+                          knn_index=str(flat_index), k=K, lmbda=LMBDA, knn_temp=KNN_TEMP).eval()
     hub.score(["The game was released in Japan ."])
     assert eval_lm_module.SequenceScorer is SequenceScorer

@@ -33,6 +33,8 @@ from fairseq_knnlm.errors import UserError
 from fairseq_knnlm.index import build_index, load_index, meta_path
 from fairseq_knnlm.storage.neighbors import read_neighbors
 
+pytestmark = pytest.mark.slow  # every writer runs four times, twice killed
+
 # tool: (module, entry point, program name)
 TOOLS = {
     "eval-lm": ("fairseq_cli.eval_lm", "cli_main", "fairseq-eval-lm"),

@@ -407,23 +407,12 @@ def test_adaptive_lambda_is_fit_on_one_split_and_reported_on_the_other(tmp_path,
 
 # ------------------------------------------- against fairseq-eval-lm itself
 
-@pytest.fixture(scope="module")
-def sweep_flat_index(tiny_datastore):
-    from conftest import run
-
-    output = tiny_datastore / "sweep-flat.index"
-    if not output.exists():
-        run(["fairseq-knnlm-build-index", "--dstore", tiny_datastore, "--index-factory", "Flat",
-             "--output", output])
-    return output
-
-
 def test_swept_perplexity_equals_fairseq_eval_lm_runs(tmp_path, data_bin, tiny_lm, tiny_datastore,
-                                                      sweep_flat_index, capsys):
+                                                      flat_index, capsys):
     """The issue's exactness promise: any grid point = a full eval-lm run with those flags."""
     from fairseq_knnlm.storage.datastore import Datastore
 
-    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", sweep_flat_index]
+    knn = ["--knnlm", "--dstore", tiny_datastore, "--knn-index", flat_index]
     nbdir = tmp_path / "valid.nbrs"
     saved = eval_lm_in_process(data_bin, tiny_lm, *knn, "--k", 16, "--knn-temp", 5, "--lmbda", 0.25,
                                "--knn-save-neighbors", nbdir)
