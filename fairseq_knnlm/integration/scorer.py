@@ -47,6 +47,10 @@ def lm_target_log_probs(model, features, extra, targets, chunk: int, lm_features
     ``lm_features_out``: a list that receives each chunk's adaptive-retrieval
     features of the LM's distribution (:func:`adaptive.lm_features`).
     """
+    # Given the targets, an adaptive softmax computes only the tail clusters they fall in
+    # and leaves the other tails' log-probabilities at 0, so the features (entropy, top
+    # log-probs) need the whole distribution, computed as generation computes it.
+    partial = getattr(model.decoder, "adaptive_softmax", None) is not None
     out = []
     for s in range(0, features.size(0), chunk):
         feats = features[s : s + chunk].unsqueeze(0)
@@ -59,6 +63,8 @@ def lm_target_log_probs(model, features, extra, targets, chunk: int, lm_features
         )
         out.append(lprobs.gather(-1, tgt.unsqueeze(-1)).view(-1).float())
         if lm_features_out is not None:
+            if partial:
+                lprobs = type(model).get_normalized_probs(model, (logits, extra), log_probs=True, sample=None)
             lm_features_out.append(adaptive.lm_features(lprobs.view(-1, lprobs.size(-1))))
     return torch.cat(out) if out else features.new_zeros(0)
 
