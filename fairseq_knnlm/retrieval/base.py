@@ -48,6 +48,28 @@ class Neighbours(NamedTuple):
         )
 
 
+def search_neighbours(ids: np.ndarray, vals: np.ndarray, dists, counts: Optional[np.ndarray],
+                      device) -> Neighbours:
+    """A search's Neighbours from its ids (n, k) int64, the entries' values, kNN-LM distances
+    (numpy or tensor) and counts (None for an unpruned store): unfilled slots (id -1) get
+    distance +inf, value -1 and count 1, whatever the arrays held there."""
+    missing = ids < 0
+    vals = vals.astype(np.int64)
+    vals[missing] = -1
+    dists = torch.as_tensor(np.ascontiguousarray(dists) if isinstance(dists, np.ndarray) else dists)
+    dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
+    if counts is not None:
+        counts = counts.astype(np.int32)
+        counts[missing] = 1
+        counts = torch.from_numpy(counts).to(device)
+    return Neighbours(dists.to(device), torch.from_numpy(vals).to(device), counts, ids)
+
+
+def faiss_distances(scores: np.ndarray, metric: str) -> np.ndarray:
+    """kNN-LM distances from FAISS's scores: squared L2 as they are, inner products negated."""
+    return scores if metric == "l2" else -scores
+
+
 class Batch(NamedTuple):
     """What the pipeline's stages see of a batch of n positions."""
 

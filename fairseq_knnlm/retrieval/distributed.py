@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Neighbours, Retriever
+from .base import Neighbours, Retriever, faiss_distances, search_neighbours
 from .retriever import KNNRetriever
 
 logger = logging.getLogger(__name__)
@@ -305,22 +305,9 @@ class DistributedRetriever(Retriever):
 
     def _results(self, top: np.ndarray, device) -> Neighbours:
         """KNNRetriever.search's Neighbours from merged records."""
-        ids = np.ascontiguousarray(top["id"])
-        missing = ids < 0
-        vals = top["val"].astype(np.int64)
-        vals[missing] = -1
-        if self.sim_func == "faiss":
-            dists = top["score"] if self.metric == "l2" else -top["score"]
-        else:
-            dists = top["exact"]
-        dists = torch.from_numpy(np.ascontiguousarray(dists)).float()
-        dists = dists.masked_fill(torch.from_numpy(missing), float("inf"))
-        counts = None
-        if "count" in self.record.names:
-            counts = top["count"].astype(np.int32)
-            counts[missing] = 1
-            counts = torch.from_numpy(counts).to(device)
-        return Neighbours(dists.to(device), torch.from_numpy(vals).to(device), counts, ids)
+        dists = faiss_distances(top["score"], self.metric) if self.sim_func == "faiss" else top["exact"]
+        counts = top["count"] if "count" in self.record.names else None
+        return search_neighbours(np.ascontiguousarray(top["id"]), top["val"], dists, counts, device)
 
     # ------------------------------------------------------------ collectives
     def _on_device(self):

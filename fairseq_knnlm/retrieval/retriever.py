@@ -8,7 +8,7 @@ import torch
 
 from ..storage.datastore import Datastore
 from ..errors import UserError
-from .base import Neighbours, Retriever
+from .base import Neighbours, Retriever, faiss_distances, search_neighbours
 
 # Neighbour-key floats gathered at once when the keys cannot be read in place
 # (float16 or sharded stores): 16 MiB, small enough for malloc to reuse.
@@ -72,19 +72,17 @@ class KNNRetriever(Retriever):
                 f"the index returned neighbour id {int(ids.max())} but the datastore has "
                 f"{self.datastore.size} entries: the index file is damaged; rebuild it"
             )
-        missing = ids < 0
-        safe_ids = np.where(missing, 0, ids)
-        vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape).astype(np.int64)
-        vals[missing] = -1
+        safe_ids = np.where(ids < 0, 0, ids)
+        vals = self.datastore.vals[safe_ids.reshape(-1)].reshape(ids.shape)
         if self.sim_func == "faiss":
-            dists = torch.from_numpy(scores if self.metric == "l2" else -scores)
+            dists = faiss_distances(scores, self.metric)
         elif exact is not None:
             dists = exact  # already recomputed to re-rank the candidates
         else:
             dists = self._recompute(q, safe_ids)
-        dists = dists.float().masked_fill(torch.from_numpy(missing), float("inf"))
-        return Neighbours(dists.to(device), torch.from_numpy(vals).to(device),
-                          self._counts(safe_ids, missing, device), ids)
+        counts = self.datastore.counts
+        counts = None if counts is None else counts[safe_ids.reshape(-1)].reshape(ids.shape)
+        return search_neighbours(ids, vals, dists, counts, device)
 
     def _index_search(self, q: np.ndarray):
         """(scores, ids, exact distances or None) of the k nearest of each query.
@@ -105,14 +103,6 @@ class KNNRetriever(Retriever):
             return np.ascontiguousarray(np.take_along_axis(a, order, axis=1))
 
         return pick(scores), pick(ids), torch.from_numpy(pick(exact))
-
-    def _counts(self, ids: np.ndarray, missing: np.ndarray, device):
-        """Counts of the entries at ``ids`` (1 where ``missing``), or None without counts."""
-        if self.datastore.counts is None:
-            return None
-        counts = self.datastore.counts[ids.reshape(-1)].reshape(ids.shape).astype(np.int32)
-        counts[missing] = 1
-        return torch.from_numpy(counts).to(device)
 
     def entry_distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact --knn-sim-func l2/ip distances from queries (n, dim) to the entries ids (n, w) >= 0."""
