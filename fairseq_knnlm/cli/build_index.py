@@ -6,7 +6,7 @@
 
 An interrupted build (Ctrl-C, crash) is resumed by rerunning the same command.
 
-Sharded build (stores too large for one job; sharded_index.py):
+Sharded build (stores too large for one job; index/shards.py):
 
     fairseq-knnlm-build-index --dstore DSTORE --train-only --output IDX/trained.index
     fairseq-knnlm-build-index --dstore DSTORE --trained IDX/trained.index --shard-id I --num-shards N

@@ -71,7 +71,7 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
                   "--knn-index directory and every batch is searched over all ranks' pieces (same results as "
                   "searching them in one process)"},
     )
-    # Search speed (search_params.py, overlap.py)
+    # Search speed (index/search_params.py, retrieval/overlap.py)
     knn_faiss_params: Optional[str] = field(
         default=None,
         metadata={"help": "FAISS search parameters in ParameterSpace syntax, applied after --probe, e.g. "
@@ -100,7 +100,7 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
     knn_save_neighbors_overwrite: bool = field(
         default=False, metadata={"help": "replace an existing --knn-save-neighbors file"}
     )
-    # Adaptive retrieval (adaptive.py)
+    # Adaptive retrieval (retrieval/adaptive.py)
     knn_retrieval_predictor: Optional[str] = field(
         default=None,
         metadata={"help": "search only the tokens this predictor (fairseq-knnlm-sweep --save-predictor) "
@@ -116,7 +116,7 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         metadata={"help": "with --knn-retrieval-predictor: search tokens whose predictor score is at "
                   "least this (instead of --knn-retrieval-fraction)"},
     )
-    # Pointers between consecutive entries, RetoMaton (pointers.py)
+    # Pointers between consecutive entries, RetoMaton (retrieval/pointers.py)
     knn_pointers: bool = field(
         default=False,
         metadata={"help": "score a token with the successors (entry i+1) of the previous token's neighbours "
@@ -127,7 +127,7 @@ class KNNLanguageModelingConfig(LanguageModelingConfig):
         metadata={"help": "with --knn-pointers: search when fewer than this many candidates remain "
                   "(above --k: every token is searched, as without pointers)"},
     )
-    # Continuous cache of the evaluated text (cache.py)
+    # Continuous cache of the evaluated text (scoring/cache.py)
     knn_cache_size: int = field(
         default=0,
         metadata={"help": "continuous cache (Grave et al., 2017): also predict each token from the keys and next "

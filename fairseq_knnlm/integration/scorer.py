@@ -94,7 +94,7 @@ class KNNSequenceScorer:
         self.stats = PipelineStats()
         self.pipeline = None
         if not self.args.save_knnlm_dstore:
-            cache = make_cache(self.args)  # --knn-cache-size's continuous cache (cache.py), or None
+            cache = make_cache(self.args)  # --knn-cache-size's continuous cache (scoring/cache.py), or None
             saver = None
             if self.args.knnlm and self.args.knn_save_neighbors:
                 saver = NeighboursSaver(

@@ -63,7 +63,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self.active_scorer = None
         self._checkpoint_sha256 = None
         self.context_window, self.num_shards, self.shard_id = 0, 1, 0
-        self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (overlap.py)
+        self.lookahead = None  # --knn-overlap: eval-lm's batches, one ahead (retrieval/overlap.py)
         check_flags(args, num_shards=_planned_sharding(args)[0])
         if args.save_knnlm_dstore or args.knnlm:
             self._set_up(args)
