@@ -160,14 +160,31 @@ def quiet(message):
     pass
 
 
+def build_flat_index(dstore):
+    """DSTORE/flat.index: the exact (Flat, l2) index of a datastore."""
+    from fairseq_knnlm.index import build_index
+
+    output = dstore / "flat.index"
+    build_index(str(dstore), output=str(output), factory="Flat", progress=False, log=quiet)
+    return output
+
+
+def refusal(data_bin, checkpoint, *flags):
+    """The one-line error eval-lm stops with, in process (test_fault_injection.py checks that the
+    console script prints such an error as its one last line, with exit code 2)."""
+    from fairseq_knnlm.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        eval_lm_in_process(data_bin, checkpoint, *flags)
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
 @pytest.fixture(scope="session")
 def flat_index(tiny_datastore):
     """The exact (Flat, l2) index of the tiny datastore."""
-    from fairseq_knnlm.index import build_index
-
-    output = tiny_datastore / "flat.index"
-    build_index(str(tiny_datastore), output=str(output), factory="Flat", progress=False, log=quiet)
-    return output
+    return build_flat_index(tiny_datastore)
 
 
 @pytest.fixture(scope="session")
@@ -181,11 +198,7 @@ def valid_datastore(artefacts, data_bin, tiny_lm):
 @pytest.fixture(scope="session")
 def valid_self_index(valid_datastore):
     """The exact (Flat, l2) index of the valid split's own keys: every query finds itself."""
-    from fairseq_knnlm.index import build_index
-
-    output = valid_datastore / "flat.index"
-    build_index(str(valid_datastore), output=str(output), factory="Flat", progress=False, log=quiet)
-    return output
+    return build_flat_index(valid_datastore)
 
 
 @pytest.fixture(scope="session")

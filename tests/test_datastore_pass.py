@@ -12,8 +12,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary, data_utils
 
-from conftest import CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, eval_lm, eval_lm_in_process, perplexity_line, run
-from fairseq_knnlm.errors import UserError
+from conftest import refusal, CONTEXT_WINDOW, TOKENS_PER_SAMPLE, USER_DIR, eval_lm, eval_lm_in_process, perplexity_line, run
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreError
 
 
@@ -159,18 +158,8 @@ def test_interrupted_pass_is_never_accepted_and_rerun_completes(tmp_path, data_b
     assert not (tmp_path / "dstore-interrupted.partial").exists()
 
 
-def _refusal(data_bin, tiny_lm, *flags):
-    """The one-line error the pass stops with, in process (test_fault_injection.py checks that the
-    console script prints such an error as its one last line, with exit code 2)."""
-    with pytest.raises(UserError) as raised:
-        eval_lm_in_process(data_bin, tiny_lm, *flags)
-    message = str(raised.value)
-    assert "\n" not in message and "Traceback" not in message, message
-    return message
-
-
 def test_refusals(artefacts, data_bin, tiny_lm, tiny_datastore):
-    assert _refusal(data_bin, tiny_lm, "--save-knnlm-dstore").startswith("--dstore DIR is required")
+    assert refusal(data_bin, tiny_lm, "--save-knnlm-dstore").startswith("--dstore DIR is required")
     # fairseq's own parser refuses a key type that does not exist, as its one last line
     proc = eval_lm(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", artefacts / "x", "--knn-keytype", "bogus",
                    check=False)
@@ -178,10 +167,10 @@ def test_refusals(artefacts, data_bin, tiny_lm, tiny_datastore):
     assert "error: argument --knn-keytype: invalid choice: 'bogus'" in proc.stdout.strip().splitlines()[-1]
     blocker = artefacts / "a-file"
     blocker.write_text("not a directory")
-    assert _refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", blocker / "dstore").startswith(
+    assert refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", blocker / "dstore").startswith(
         f"cannot create {blocker}: ")
     before = (tiny_datastore / "keys.npy").stat().st_mtime_ns
-    last = _refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", tiny_datastore)
+    last = refusal(data_bin, tiny_lm, "--save-knnlm-dstore", "--dstore", tiny_datastore)
     assert "already holds a complete datastore" in last and "--dstore-overwrite" in last
     assert (tiny_datastore / "keys.npy").stat().st_mtime_ns == before
     assert not (artefacts / "x").exists()

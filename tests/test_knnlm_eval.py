@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, USER_DIR, eval_lm, eval_lm_in_process, perplexity_line, quiet, run
+from conftest import refusal, ROOT, USER_DIR, eval_lm, eval_lm_in_process, perplexity_line, quiet, run
 import fairseq_knnlm.index
-from fairseq_knnlm.errors import UserError
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreWriter
 
 
@@ -128,16 +127,6 @@ def test_domain_datastore_from_another_corpus(artefacts, data_bin, tiny_lm):
                                     "--knn-temp", 5, split="test")
     # The store holds the test text itself, so adapting to it must help a lot.
     assert adapted < 0.8 * base
-
-
-def refusal(data_bin, tiny_lm, *flags):
-    """The one-line error eval-lm stops with, in process (test_fault_injection.py checks that the
-    console script prints such an error as its one last line, with exit code 2)."""
-    with pytest.raises(UserError) as raised:
-        eval_lm_in_process(data_bin, tiny_lm, *flags)
-    message = str(raised.value)
-    assert "\n" not in message and "Traceback" not in message, message
-    return message
 
 
 def test_startup_refusals(artefacts, data_bin, tiny_lm, tiny_datastore, flat_index, valid_self_index):

@@ -36,14 +36,16 @@ def small_store(artefacts, tiny_datastore):
     return Datastore(path)
 
 
-def test_a_checkpoint_that_cannot_be_read_for_another_reason_stops_the_run_and_is_kept(tmp_path, small_store):
-    def crash(visited):
-        if visited >= 200:
-            raise KeyboardInterrupt
+def interrupt_at_200(visited):
+    """prune_datastore's on_batch: Ctrl-C once 200 entries are visited (a checkpoint then exists)."""
+    if visited >= 200:
+        raise KeyboardInterrupt
 
+
+def test_a_checkpoint_that_cannot_be_read_for_another_reason_stops_the_run_and_is_kept(tmp_path, small_store):
     out = tmp_path / "pruned"
     with pytest.raises(KeyboardInterrupt):
-        prune_datastore(small_store.path, out, k=4, batch_size=100, progress=False, log=quiet, on_batch=crash)
+        prune_datastore(small_store.path, out, k=4, batch_size=100, progress=False, log=quiet, on_batch=interrupt_at_200)
     state_dir = tmp_path / ("pruned" + STATE_SUFFIX)
     state = state_dir / STATE_FILE
     saved = state.read_bytes()
@@ -69,13 +71,9 @@ def test_a_checkpoint_that_cannot_be_read_for_another_reason_stops_the_run_and_i
 
 
 def test_a_damaged_checkpoint_is_discarded_and_the_run_starts_over(tmp_path, small_store):
-    def crash(visited):
-        if visited >= 200:
-            raise KeyboardInterrupt
-
     out = tmp_path / "pruned"
     with pytest.raises(KeyboardInterrupt):
-        prune_datastore(small_store.path, out, k=4, batch_size=100, progress=False, log=quiet, on_batch=crash)
+        prune_datastore(small_store.path, out, k=4, batch_size=100, progress=False, log=quiet, on_batch=interrupt_at_200)
     state = tmp_path / ("pruned" + STATE_SUFFIX) / STATE_FILE
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
