@@ -10,9 +10,19 @@ import pytest
 from conftest import ROOT, run
 
 BOOKS = ROOT / "examples" / "books"
-sys.path.insert(0, str(BOOKS))
 
-import run as books  # noqa: E402  examples/books/run.py
+
+def load_books_example():
+    """examples/books/run.py under its own name (other tests import examples/wikitext2's run.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("books_run", BOOKS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+books = load_books_example()
 
 
 # ------------------------------------------------------------ hand-checkable

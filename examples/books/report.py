@@ -19,16 +19,12 @@ def fmt(x, digits=2):
 
 def size_rows(results):
     """The datastore-size curve of the eighth LM: (row, entries, fraction of train) by size."""
-    from run import PREFIX_MULTIPLES  # examples/books/run.py
-
-    names = [f"eighth+x{m}" for m in PREFIX_MULTIPLES] + ["eighth+all"]
     out = []
-    for name in names:
-        rec = results.get("rows", {}).get(name)
-        if rec and "table" in rec:
+    for name, rec in results.get("rows", {}).items():
+        if rec.get("lm") == "eighth" and "table" in rec:
             store = results["dstore"][rec["dstore"]]
             out.append((name, rec, store["size"], store["size"] / results["dstore"]["books-by-eighth"]["size"]))
-    return out
+    return sorted(out, key=lambda row: row[2])
 
 
 def table4(results):
