@@ -18,6 +18,7 @@ setup(
         "hydra-core>=1.0",
         "tqdm",
         "matplotlib",
+        "sentencepiece",  # the shared subword vocabulary of examples/books
     ],
     extras_require={
         "cpu": ["faiss-cpu>=1.7"],
@@ -30,6 +31,7 @@ setup(
             "fairseq-knnlm-sweep = fairseq_knnlm.cli.sweep:main",
             "fairseq-knnlm-prune = fairseq_knnlm.cli.prune:main",
             "fairseq-knnlm-import = fairseq_knnlm.cli.import_original:main",
+            "fairseq-knnlm-prefix = fairseq_knnlm.cli.prefix:main",
         ]
     },
 )

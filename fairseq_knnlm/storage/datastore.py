@@ -42,8 +42,10 @@ VALS_FILE = "vals.npy"
 VALS_DTYPE = np.int32
 COUNTS_FILE = "counts.npy"
 COUNTS_DTYPE = np.int32
-# meta.json field of a store whose keys stay in a headerless file made elsewhere
-# (fairseq-knnlm-import): {"path", "offset", "sampled_rows_sha256"}.
+# meta.json field of a store whose keys stay in a file made elsewhere: the original's
+# headerless keys (fairseq-knnlm-import), or the first rows of another store's keys.npy
+# (fairseq-knnlm-prefix): {"path", "offset", "sampled_rows_sha256"} and, when the file
+# holds more rows than the store uses, "file_bytes" (its size, re-checked).
 EXTERNAL_KEYS = "external_keys"
 # meta.json fields the writer records: the smallest and largest value (and
 # count) written, so that opening a large store can trust them instead of
@@ -59,6 +61,7 @@ REQUIRED_META = dict(format_version=int, id=str, size=COUNT, dim=POSITIVE, keys_
                      vals_dtype=("int32",))
 OPTIONAL_META = dict(counts_dtype=("int32",), external_keys=dict, vals_range=list, counts_range=list)
 EXTERNAL_KEYS_FIELDS = dict(path=str, offset=COUNT, sampled_rows_sha256=str)
+EXTERNAL_KEYS_OPTIONAL = dict(file_bytes=COUNT)
 
 
 class DatastoreError(UserError):
@@ -202,6 +205,8 @@ def rebuild_hint(meta, path: str) -> str:
         return f"rerun fairseq-knnlm-prune --output {path} --overwrite"
     if meta.get("imported_from"):
         return f"rerun fairseq-knnlm-import --dstore {path} --dstore-overwrite"
+    if meta.get("prefix_of"):
+        return f"rerun fairseq-knnlm-prefix --output {path} --overwrite"
     return "rerun the --save-knnlm-dstore pass with --dstore-overwrite"
 
 
@@ -230,20 +235,25 @@ class _Shard:
         self._check_external_keys()
 
     def _check_external_keys(self) -> None:
-        """Keys imported by reference (fairseq-knnlm-import) must still be the file
-        that was checked: same size, same sampled rows."""
+        """Keys referenced in place (fairseq-knnlm-import, fairseq-knnlm-prefix) must
+        still be the file that was checked: same size, same sampled rows."""
         external = self.meta.get(EXTERNAL_KEYS)
         if external is None:
             return
         check_fields(external, EXTERNAL_KEYS_FIELDS, f"{os.path.join(self.path, META_FILE)} ({EXTERNAL_KEYS})",
-                     DatastoreError, self.redo)
+                     DatastoreError, self.redo, EXTERNAL_KEYS_OPTIONAL)
         file = external["path"]
-        redo = f"rerun fairseq-knnlm-import for {self.path}, or restore {file}"
+        redo = f"{self.redo}, or restore {file}"
         row_bytes = self.dim * np.dtype(self.meta["keys_dtype"]).itemsize
-        if not os.path.isfile(file) or os.path.getsize(file) != external["offset"] + self.size * row_bytes:
+        expected = external.get("file_bytes", external["offset"] + self.size * row_bytes)
+        if expected < external["offset"] + self.size * row_bytes:
+            raise DatastoreError(f"{os.path.join(self.path, META_FILE)} ({EXTERNAL_KEYS}) names more keys than "
+                                 f"{file} holds; {self.redo}")
+        if not os.path.isfile(file) or os.path.getsize(file) != expected:
             raise DatastoreError(f"the keys of {self.path} ({file}) are missing or changed size; {redo}")
         if sampled_rows_sha256(self.load(KEYS_FILE, False)) != external["sampled_rows_sha256"]:
-            raise DatastoreError(f"the keys of {self.path} ({file}) changed since the import; {redo}")
+            since = "the import" if self.meta.get("imported_from") else "this store was made"
+            raise DatastoreError(f"the keys of {self.path} ({file}) changed since {since}; {redo}")
 
     def _layout(self, name: str):
         """(dtype, shape) of one of this shard's arrays, as meta.json describes it."""
