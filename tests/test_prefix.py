@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import eval_lm_in_process, run
+from fairseq_knnlm.cli.prefix import main as prefix_main
 from fairseq_knnlm.index import build_index
 from fairseq_knnlm.storage.datastore import Datastore, DatastoreError, DatastoreWriter, shard_dirname
 from fairseq_knnlm.tools.prefix import PrefixError, prefix_entries, write_prefix
@@ -104,18 +105,28 @@ def test_index_and_knnlm_over_the_prefix_equal_a_written_copy(artefacts, data_bi
     assert ppl[0] == ppl[1]  # full float precision, so also every printed digit
 
 
-def test_refusals(artefacts, tmp_path, tiny_datastore, prefix_store):
+def test_refusals(artefacts, tmp_path, tiny_datastore, prefix_store, capsys):
     parent = Datastore(str(tiny_datastore))
 
     def refused(argv, *words):
-        proc = run([*PREFIX, *map(str, argv)], check=False)
-        assert proc.returncode == 2, proc.stdout
-        lines = [line for line in proc.stdout.strip().splitlines() if "error" in line]
-        assert len(lines) == 1 and lines[0].startswith("fairseq-knnlm-prefix: error: "), proc.stdout
-        assert "Traceback" not in proc.stdout
+        """The console script's main() in this process: exit 2, one line naming the fix."""
+        with pytest.raises(SystemExit) as ended:
+            prefix_main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert ended.value.code == 2, err
+        lines = [line for line in err.strip().splitlines() if "error" in line]  # argparse adds its usage
+        assert len(lines) == 1 and lines[0].startswith("fairseq-knnlm-prefix: error: "), err
+        assert "Traceback" not in err
         for w in words:
-            assert w in lines[-1], lines[-1]
+            assert w in lines[0], lines[0]
 
+    # The console script itself, once: one line, exit 2, no traceback.
+    proc = run([*PREFIX, "--dstore", tiny_datastore, "--entries", parent.size + 1, "--output", tmp_path / "a"],
+               check=False)
+    errors = [line for line in proc.stdout.strip().splitlines() if "error" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert errors == [f"fairseq-knnlm-prefix: error: --entries must be 1 to the store's {parent.size:,} entries, "
+                      f"got {parent.size + 1:,}"], proc.stdout
     refused(["--dstore", tiny_datastore, "--entries", parent.size + 1, "--output", tmp_path / "a"],
             f"1 to the store's {parent.size:,} entries")
     refused(["--dstore", tiny_datastore, "--entries", 0, "--output", tmp_path / "a"], "at least 1")
@@ -132,7 +143,8 @@ def test_refusals(artefacts, tmp_path, tiny_datastore, prefix_store):
         writer.commit(dict(parent_meta(parent), shard_id=i, num_shards=2))
     refused(["--dstore", sharded, "--entries", 10, "--output", tmp_path / "a"],
             "sharded (2 shards)", f"--dstore {sharded / shard_dirname(0, 2)}", "without --num-shards")
-    run([*PREFIX, "--dstore", sharded / shard_dirname(0, 2), "--entries", 10, "--output", tmp_path / "of-shard"])
+    assert prefix_main(["--dstore", str(sharded / shard_dirname(0, 2)), "--entries", "10",
+                        "--output", str(tmp_path / "of-shard")]) == 0
 
     pruned = write_copy(tmp_path / "pruned", parent, 1000, counts=np.ones(1000, np.int32))
     refused(["--dstore", pruned, "--fraction", 0.5, "--output", tmp_path / "a"], "pruned",
@@ -140,8 +152,9 @@ def test_refusals(artefacts, tmp_path, tiny_datastore, prefix_store):
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 
     # --overwrite replaces a complete prefix store.
-    run([*PREFIX, "--dstore", tiny_datastore, "--entries", 10, "--output", tmp_path / "b"])
-    run([*PREFIX, "--dstore", tiny_datastore, "--entries", 20, "--output", tmp_path / "b", "--overwrite"])
+    assert prefix_main(["--dstore", str(tiny_datastore), "--entries", "10", "--output", str(tmp_path / "b")]) == 0
+    assert prefix_main(["--dstore", str(tiny_datastore), "--entries", "20", "--output", str(tmp_path / "b"),
+                        "--overwrite"]) == 0
     assert Datastore(str(tmp_path / "b")).size == 20
 
 
