@@ -80,6 +80,7 @@ def tiny(tmp_path_factory):
     return work, json.loads((work / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_tiny_one_dictionary_and_counts_match_fairseq(tiny):
     work, res = tiny
     dicts = {c: (work / "data-bin" / c / "dict.txt").read_bytes() for c in ("books", "wiki", "eighth")}
@@ -94,6 +95,7 @@ def test_tiny_one_dictionary_and_counts_match_fairseq(tiny):
             assert r["ppl_per_word"] > r["ppl"]  # more subwords than words
 
 
+@pytest.mark.slow
 def test_tiny_results_structure_and_relations(tiny):
     work, res = tiny
     assert set(res["rows"]) == set(books.ROWS)
@@ -123,6 +125,7 @@ def test_tiny_results_structure_and_relations(tiny):
     assert (work / "report" / "dstore_size.png").exists()
 
 
+@pytest.mark.slow
 def test_tiny_rerun_skips_every_stage(tiny):
     work, _ = tiny
     proc = run([sys.executable, BOOKS / "run.py", "--tiny", "--workdir", work, "--report-dir", work / "report"],
