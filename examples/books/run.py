@@ -580,14 +580,7 @@ def parse_args(argv=None):
                    "80000, tiny the whole slices; 0: whole splits)")
     p.add_argument("--probe", type=int, default=32, help="IVF lists searched (default: %(default)s)")
     p.add_argument("--skip", default="", help=f"comma-separated stages not to run, of: {', '.join(STAGES[5:-1])}")
-    args = p.parse_args(argv)
-    args.skip = {s for s in args.skip.split(",") if s}
-    unknown = args.skip - set(STAGES)
-    if unknown:
-        p.error(f"unknown --skip stage(s): {', '.join(sorted(unknown))}")
-    if args.workdir is None:
-        args.workdir = str(HERE / ("work-tiny" if args.tiny else "work"))
-    return args
+    return wt2.parse_with_stages(p, argv, STAGES, HERE)
 
 
 def main(argv=None):

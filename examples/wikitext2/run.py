@@ -788,13 +788,19 @@ def parse_args(argv=None):
                    "chosen on valid")
     p.add_argument("--report-dir", help="where tables and plots go (default: WORKDIR/report)")
     p.add_argument("--skip", default="", help=f"comma-separated stages not to run, of: {', '.join(STAGES[3:-1])}")
+    return parse_with_stages(p, argv, STAGES, HERE)
+
+
+def parse_with_stages(p, argv, stages, here):
+    """``p``'s arguments, with --skip checked against ``stages`` and --workdir defaulting to
+    HERE/work (or work-tiny); shared by the examples."""
     args = p.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
-    unknown = args.skip - set(STAGES)
+    unknown = args.skip - set(stages)
     if unknown:
         p.error(f"unknown --skip stage(s): {', '.join(sorted(unknown))}")
     if args.workdir is None:
-        args.workdir = str(HERE / ("work-tiny" if args.tiny else "work"))
+        args.workdir = str(here / ("work-tiny" if args.tiny else "work"))
     return args
 
 
