@@ -39,7 +39,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -383,9 +382,7 @@ class Pipeline(wt2.Pipeline):
             cmd = ["bash", ROOT / "examples" / "wikitext2" / "train.sh", self.data_bin(LMS[lm]), save_dir,
                    self.args.hours]
         log(f"$ {' '.join(shlex.quote(str(c)) for c in cmd)}  > {log_path}")
-        with open(log_path, "a") as f:
-            proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        if proc.returncode != 0:
+        if wt2.preloaded.run([str(c) for c in cmd], log_path, ROOT) != 0:
             raise SystemExit(f"training failed, see {log_path}")
         self.results.setdefault("commands", {})[f"train-{lm}"] = self.portable(cmd)
 

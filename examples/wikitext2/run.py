@@ -42,10 +42,10 @@ output go to WORKDIR/logs/.
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -54,6 +54,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import preloaded  # noqa: E402  examples/wikitext2/preloaded.py: commands forked from one import of fairseq
+
+# fairseq (tasks/text_to_speech.py) sets the root logger to DEBUG when imported; the plots need not say so.
+logging.getLogger("matplotlib").setLevel(logging.WARNING)
 SPLITS = ("train", "valid", "test")
 SHARED_WIKITEXT2 = ROOT.parent / "shared" / "data" / "wikitext-2"
 WIKITEXT2_URLS = (
@@ -178,14 +183,12 @@ class Pipeline:
         started = time.time()
         with open(path, "a") as f:
             f.write(f"$ {line}\n")
-            f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env=dict(os.environ, **(env or {})))
+        returncode = preloaded.run(cmd, path, ROOT, env)
         out = path.read_text()
         out = out[out.rfind(f"$ {line}\n"):]
-        if proc.returncode != 0:
+        if returncode != 0:
             sys.stderr.write(out[-4000:])
-            raise SystemExit(f"command failed ({proc.returncode}), see {path}: {line}")
+            raise SystemExit(f"command failed ({returncode}), see {path}: {line}")
         self.results.setdefault("commands", {})[logname] = self.portable(cmd)
         log(f"  done in {time.time() - started:.1f}s")
         return out
@@ -344,9 +347,7 @@ class Pipeline:
             cmd = ["bash", HERE / "train.sh", self.data_bin, self.ckpt_dir, self.args.hours]
         line = " ".join(_quote(str(c)) for c in cmd)
         log(f"$ {line}  > {log_path}")
-        with open(log_path, "a") as f:
-            proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        if proc.returncode != 0:
+        if preloaded.run([str(c) for c in cmd], log_path, ROOT) != 0:
             raise SystemExit(f"training failed, see {log_path}")
         self.results.setdefault("commands", {})["train"] = self.portable(cmd)
 
