@@ -230,7 +230,10 @@ def test_eval_lm_at_a_fraction_is_the_sweeps_number_and_the_ends_are_exact(data_
     row = fitted.rows[0.4]
     assert searched(caplog) == (round(row["searched"] * nb.n), nb.n)
     assert 0.35 < row["searched"] < 0.45
-    assert (loss, ppl) == (row["loss"], row["ppl"])  # to the last float32 digit
+    # Within float32 rounding, not to the last bit: the searched rows' p_kNN is computed on a
+    # sub-batch online and on the whole split offline, and on some CPUs torch's float32 kernels
+    # round differently for different batch shapes (the same tokens are searched either way).
+    assert loss == pytest.approx(row["loss"], rel=1e-6) and ppl == pytest.approx(row["ppl"], rel=1e-5)
     assert base[1] > ppl > fitted.full[1]
 
 

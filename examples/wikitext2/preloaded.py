@@ -14,8 +14,10 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-# Not fairseq_knnlm: a stock fairseq command must not even see the package's task registered.
-PRELOAD = ["torch", "faiss", "fairseq", "fairseq_cli.train", "fairseq_cli.eval_lm", "fairseq_cli.preprocess"]
+# fairseq_cli.train first: it configures the root logger as every fairseq command does, before
+# fairseq is imported (fairseq/tasks/text_to_speech.py would set it to DEBUG). Not fairseq_knnlm:
+# a stock fairseq command must not even see the package's task registered.
+PRELOAD = ["fairseq_cli.train", "fairseq_cli.eval_lm", "fairseq_cli.preprocess", "faiss"]
 _context = None
 
 
